@@ -1,0 +1,23 @@
+# Set-up and entry points. Everything runs inside .venv, created on first use from requirements.txt
+# (torch==2.13.0 resolves to the CPU wheel on a CPU machine) and the package built from source.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test bench
+
+$(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python -m bench

@@ -1,0 +1,1 @@
+"""Benchmarks of autoregembed_fast against the anchors: `python -m bench`."""

@@ -1,0 +1,17 @@
+// Python bindings of autoregembed_fast._C.
+#include <torch/extension.h>
+
+#include "token_logprobs.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "C++ backends of autoregembed_fast (import torch first).";
+  m.def("token_logprobs_forward_cpu", &autoregembed_fast::token_logprobs_forward_cpu,
+        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("targets"), pybind11::arg("softcap"), pybind11::arg("with_jacobian"),
+        pybind11::arg("block_rows"));
+  m.def("token_logprobs_backward_cpu", &autoregembed_fast::token_logprobs_backward_cpu,
+        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("targets"), pybind11::arg("lse"), pybind11::arg("grad_logp"),
+        pybind11::arg("softcap"), pybind11::arg("need_hidden"), pybind11::arg("need_weight"),
+        pybind11::arg("need_bias"), pybind11::arg("block_rows"));
+}

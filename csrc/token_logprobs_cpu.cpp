@@ -1,0 +1,219 @@
+// CPU backend of token_logprobs: chunked GEMM through ATen's BLAS plus one fused epilogue per block.
+//
+// For a block of C tokens the logits Z = H_c W^T (+ b) go into one reused C x V buffer; each row is
+// then capped, reduced to its log-sum-exp and, when a gradient is wanted, overwritten in place by the
+// gradient coefficients G (see row_epilogue.h), so that the second GEMM G @ W gives the rows of
+// d log p / d hidden directly. Memory is one C x V block, never N x V.
+//
+// Accumulation type: float64 inputs are computed in float64 (so gradcheck is meaningful), every other
+// dtype in float32. The float row routines are compiled for AVX-512, AVX2 and baseline x86 and picked
+// at load time (target_clones), so the extension stays portable while using the wide vectors here.
+#include "token_logprobs.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "row_epilogue.h"
+
+#if defined(__x86_64__) && defined(__linux__)
+#define AEF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define AEF_CPU_CLONES
+#endif
+
+namespace autoregembed_fast {
+namespace {
+
+template <typename acc_t>
+__attribute__((always_inline)) inline void forward_row(
+    acc_t* z, int64_t V, acc_t cap, int64_t target, bool with_jacobian, acc_t* lse_out,
+    acc_t* logp_out) {
+  if (cap > 0) apply_softcap(z, V, cap);
+  const acc_t lse = logsumexp(z, V);
+  *lse_out = lse;
+  *logp_out = z[target] - lse;
+  if (with_jacobian) logprob_grad_coefficients(z, V, cap, target, lse, acc_t(1));
+}
+
+template <typename acc_t>
+__attribute__((always_inline)) inline void backward_row(
+    acc_t* z, int64_t V, acc_t cap, int64_t target, acc_t lse, acc_t grad) {
+  if (cap > 0) apply_softcap(z, V, cap);
+  logprob_grad_coefficients(z, V, cap, target, lse, grad);
+}
+
+AEF_CPU_CLONES void forward_row_dispatch(
+    float* z, int64_t V, float cap, int64_t target, bool with_jacobian, float* lse_out,
+    float* logp_out) {
+  forward_row(z, V, cap, target, with_jacobian, lse_out, logp_out);
+}
+
+void forward_row_dispatch(
+    double* z, int64_t V, double cap, int64_t target, bool with_jacobian, double* lse_out,
+    double* logp_out) {
+  forward_row(z, V, cap, target, with_jacobian, lse_out, logp_out);
+}
+
+AEF_CPU_CLONES void backward_row_dispatch(
+    float* z, int64_t V, float cap, int64_t target, float lse, float grad) {
+  backward_row(z, V, cap, target, lse, grad);
+}
+
+void backward_row_dispatch(double* z, int64_t V, double cap, int64_t target, double lse, double grad) {
+  backward_row(z, V, cap, target, lse, grad);
+}
+
+at::ScalarType accumulation_type(const at::Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// logits <- hidden_block @ weight^T (+ bias), written into the reused block buffer.
+void block_logits(
+    at::Tensor& logits, const at::Tensor& hidden_block, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(logits, *bias, hidden_block, weight.t());
+  } else {
+    at::mm_out(logits, hidden_block, weight.t());
+  }
+}
+
+void check_internal_inputs(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    int64_t block_rows) {
+  // The Python layer validates user input; these guard the C++ entry points against misuse.
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "token_logprobs_cpu: expected hidden [N, d] and weight [V, d]");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) &&
+                  targets.scalar_type() == at::kLong,
+              "token_logprobs_cpu: expected int64 targets [N]");
+  TORCH_CHECK(block_rows > 0, "token_logprobs_cpu: block_rows must be positive");
+  TORCH_CHECK(targets.numel() == 0 ||
+                  (targets.min().item<int64_t>() >= 0 &&
+                   targets.max().item<int64_t>() < weight.size(0)),
+              "token_logprobs_cpu: targets must lie in [0, V)");
+}
+
+template <typename acc_t>
+void forward_impl(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, acc_t cap, int64_t block_rows, at::Tensor& logp, at::Tensor& lse,
+    at::Tensor& jacobian) {
+  const int64_t N = hidden.size(0);
+  const int64_t V = weight.size(0);
+  const bool with_jacobian = jacobian.defined();
+  at::Tensor logits = at::empty({std::min(block_rows, N), V}, weight.options());
+  const int64_t* target_ptr = targets.data_ptr<int64_t>();
+  acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  acc_t* logp_ptr = logp.data_ptr<acc_t>();
+  for (int64_t start = 0; start < N; start += block_rows) {
+    const int64_t rows = std::min(block_rows, N - start);
+    at::Tensor block = logits.narrow(0, 0, rows);
+    block_logits(block, hidden.narrow(0, start, rows).to(weight.scalar_type()), weight, bias);
+    acc_t* z = block.data_ptr<acc_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t token = start + r;
+        forward_row_dispatch(z + r * V, V, cap, target_ptr[token], with_jacobian, lse_ptr + token,
+                             logp_ptr + token);
+      }
+    });
+    if (with_jacobian) {
+      at::Tensor jacobian_rows = jacobian.narrow(0, start, rows);
+      at::mm_out(jacobian_rows, block, weight);
+    }
+  }
+}
+
+template <typename acc_t>
+void backward_impl(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad_logp, acc_t cap,
+    int64_t block_rows, at::Tensor& grad_hidden, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  const int64_t N = hidden.size(0);
+  const int64_t V = weight.size(0);
+  at::Tensor logits = at::empty({std::min(block_rows, N), V}, weight.options());
+  const int64_t* target_ptr = targets.data_ptr<int64_t>();
+  const acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  const acc_t* grad_ptr = grad_logp.data_ptr<acc_t>();
+  for (int64_t start = 0; start < N; start += block_rows) {
+    const int64_t rows = std::min(block_rows, N - start);
+    at::Tensor block = logits.narrow(0, 0, rows);
+    const at::Tensor hidden_block = hidden.narrow(0, start, rows).to(weight.scalar_type());
+    block_logits(block, hidden_block, weight, bias);
+    acc_t* z = block.data_ptr<acc_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t token = start + r;
+        backward_row_dispatch(z + r * V, V, cap, target_ptr[token], lse_ptr[token], grad_ptr[token]);
+      }
+    });
+    if (grad_hidden.defined()) {
+      at::Tensor grad_hidden_rows = grad_hidden.narrow(0, start, rows);
+      at::mm_out(grad_hidden_rows, block, weight);
+    }
+    if (grad_weight.defined()) grad_weight.addmm_(block.t(), hidden_block);
+    if (grad_bias.defined()) grad_bias.add_(block.sum(0));
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> token_logprobs_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double softcap, bool with_jacobian, int64_t block_rows) {
+  check_internal_inputs(hidden, weight, targets, block_rows);
+  const at::ScalarType acc = accumulation_type(hidden);
+  const at::Tensor weight_acc = weight.to(acc).contiguous();
+  c10::optional<at::Tensor> bias_acc;
+  if (bias.has_value()) bias_acc = bias->to(acc).contiguous();
+  const at::Tensor targets_c = targets.contiguous();
+  const int64_t N = hidden.size(0);
+  const auto options = hidden.options().dtype(acc);
+  at::Tensor logp = at::empty({N}, options);
+  at::Tensor lse = at::empty({N}, options);
+  at::Tensor jacobian = with_jacobian ? at::empty({N, weight.size(1)}, options) : at::Tensor();
+  if (N == 0) return {logp, lse, jacobian};
+  if (acc == at::kDouble) {
+    forward_impl<double>(hidden, weight_acc, bias_acc, targets_c, softcap, block_rows, logp, lse,
+                         jacobian);
+  } else {
+    forward_impl<float>(hidden, weight_acc, bias_acc, targets_c, static_cast<float>(softcap),
+                        block_rows, logp, lse, jacobian);
+  }
+  return {logp, lse, jacobian};
+}
+
+std::vector<at::Tensor> token_logprobs_backward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad_logp, double softcap,
+    bool need_hidden, bool need_weight, bool need_bias, int64_t block_rows) {
+  check_internal_inputs(hidden, weight, targets, block_rows);
+  const at::ScalarType acc = accumulation_type(hidden);
+  TORCH_CHECK(lse.scalar_type() == acc && grad_logp.scalar_type() == acc,
+              "token_logprobs_cpu: lse and grad_logp must be in the accumulation dtype");
+  const at::Tensor weight_acc = weight.to(acc).contiguous();
+  c10::optional<at::Tensor> bias_acc;
+  if (bias.has_value()) bias_acc = bias->to(acc).contiguous();
+  const auto options = hidden.options().dtype(acc);
+  const int64_t N = hidden.size(0);
+  at::Tensor grad_hidden = need_hidden ? at::empty({N, weight.size(1)}, options) : at::Tensor();
+  at::Tensor grad_weight = need_weight ? at::zeros_like(weight_acc) : at::Tensor();
+  at::Tensor grad_bias = need_bias ? at::zeros({weight.size(0)}, options) : at::Tensor();
+  if (N == 0) return {grad_hidden, grad_weight, grad_bias};
+  const at::Tensor targets_c = targets.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor grad_c = grad_logp.contiguous();
+  if (acc == at::kDouble) {
+    backward_impl<double>(hidden, weight_acc, bias_acc, targets_c, lse_c, grad_c, softcap,
+                          block_rows, grad_hidden, grad_weight, grad_bias);
+  } else {
+    backward_impl<float>(hidden, weight_acc, bias_acc, targets_c, lse_c, grad_c,
+                         static_cast<float>(softcap), block_rows, grad_hidden, grad_weight,
+                         grad_bias);
+  }
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+}  // namespace autoregembed_fast

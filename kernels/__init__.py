@@ -1,0 +1,1 @@
+"""Triton kernels of autoregembed_fast, installed as the subpackage `autoregembed_fast.kernels`."""

@@ -1,0 +1,348 @@
+"""token_logprobs against the float64 oracle, for every backend that runs on this machine."""
+
+import math
+
+import pytest
+import torch
+
+import autoregembed_fast
+from autoregembed_fast import ops, token_logprobs
+from oracle import oracle_grads, token_logprobs_oracle
+
+BACKENDS = ["reference", "cpu"]
+IGNORE = -100
+
+# (leading shape, d, V): N=1 and V=1, V prime, d not a multiple of 8, a [B, T] leading shape.
+SHAPES = [((1,), 8, 1), ((1,), 7, 13), ((37,), 13, 251), ((3, 11), 24, 509)]
+SHAPE_IDS = ["N1-V1", "N1-V13", "N37-d13-V251", "B3xT11-V509"]
+
+# Tolerances: float32 must match the float64 truth closely; low-precision dtypes must be no worse than
+# the eager computation in the same dtype plus one unit in the last place of that dtype.
+FP32_LOGP_REL = 1e-5
+FP32_GRAD_REL = 1e-4
+FP32_GRAD_ABS = 1e-6  # where the true gradient is exactly 0 (V = 1), rounding leaves ~1e-9
+LOW_PRECISION_MARGIN = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def make_inputs(lead_shape, d, V, dtype, *, with_bias=False, ignore_fraction=0.0, peaked=False):
+    hidden = torch.randn(*lead_shape, d)
+    weight = torch.randn(V, d) * (3.0 / math.sqrt(d))
+    targets = torch.randint(0, V, lead_shape)
+    if peaked:
+        # Each token's target row points along its hidden state: a softmax with one dominant entry.
+        flat_hidden, flat_targets = hidden.reshape(-1, d), targets.reshape(-1)
+        weight[flat_targets] = flat_hidden * (4.0 / flat_hidden.norm(dim=1, keepdim=True))
+    if ignore_fraction > 0:
+        targets[torch.rand(lead_shape) < ignore_fraction] = IGNORE
+    bias = torch.randn(V) if with_bias else None
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(hidden), cast(weight), targets, cast(bias)
+
+
+def max_err(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def scale_of(expected):
+    return expected.abs().max().item() if expected.numel() else 0.0
+
+
+def assert_logp_close(actual, expected, eager, dtype):
+    if dtype in (torch.float32, torch.float64):
+        assert max_err(actual, expected) <= FP32_LOGP_REL * max(1.0, scale_of(expected))
+    else:
+        bound = max_err(eager, expected) + LOW_PRECISION_MARGIN[dtype] * max(1.0, scale_of(expected))
+        assert max_err(actual, expected) <= bound
+
+
+def assert_grad_close(actual, expected, eager, dtype):
+    assert actual.dtype == eager.dtype
+    bound = FP32_GRAD_REL * scale_of(expected) + FP32_GRAD_ABS
+    if dtype not in (torch.float32, torch.float64):
+        bound = max_err(eager, expected) + LOW_PRECISION_MARGIN[dtype] * scale_of(expected) + FP32_GRAD_ABS
+    assert max_err(actual, expected) <= bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
+@pytest.mark.parametrize("ignore_fraction", [0.0, 0.7], ids=["all-kept", "mostly-ignored"])
+def test_forward_matches_oracle(backend, shape, dtype, with_bias, softcap, ignore_fraction):
+    lead_shape, d, V = shape
+    hidden, weight, targets, bias = make_inputs(
+        lead_shape, d, V, dtype, with_bias=with_bias, ignore_fraction=ignore_fraction
+    )
+    expected = token_logprobs_oracle(hidden, weight, targets, bias, IGNORE, softcap)
+    eager = token_logprobs(hidden, weight, targets, bias=bias, softcap=softcap, backend="reference")
+    actual = token_logprobs(hidden, weight, targets, bias=bias, softcap=softcap, backend=backend)
+    assert actual.shape == targets.shape
+    assert actual.dtype == torch.float32
+    assert_logp_close(actual, expected, eager, dtype)
+    assert (actual[targets == IGNORE] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_peaked_softmax(backend, dtype):
+    hidden, weight, targets, _ = make_inputs((29,), 16, 307, dtype, peaked=True)
+    expected = token_logprobs_oracle(hidden, weight, targets)
+    eager = token_logprobs(hidden, weight, targets, backend="reference")
+    actual = token_logprobs(hidden, weight, targets, backend=backend)
+    assert expected.max() > -0.5  # the construction really is peaked
+    assert_logp_close(actual, expected, eager, dtype)
+
+
+def run_with_grads(backend, hidden, weight, targets, bias, softcap, grad_out, *, trainable_head):
+    """token_logprobs forward + backward with upstream gradient grad_out; returns (logp, grads)."""
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_(trainable_head)
+    bias = None if bias is None else bias.detach().clone().requires_grad_(trainable_head)
+    logp = token_logprobs(hidden, weight, targets, bias=bias, softcap=softcap, backend=backend)
+    logp.backward(grad_out)
+    return logp, (hidden.grad, weight.grad, None if bias is None else bias.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
+@pytest.mark.parametrize("ignore_fraction", [0.0, 0.7], ids=["all-kept", "mostly-ignored"])
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen-head", "trainable-head"])
+def test_gradients_match_oracle(
+    backend, shape, dtype, with_bias, softcap, ignore_fraction, trainable_head
+):
+    lead_shape, d, V = shape
+    hidden, weight, targets, bias = make_inputs(
+        lead_shape, d, V, dtype, with_bias=with_bias, ignore_fraction=ignore_fraction
+    )
+    # A random per-token upstream gradient: an implementation that only handles a scalar loss fails.
+    grad_out = torch.randn(lead_shape)
+    expected = oracle_grads(hidden, weight, targets, grad_out, bias, IGNORE, softcap)
+    _, eager = run_with_grads("reference", hidden, weight, targets, bias, softcap, grad_out,
+                              trainable_head=trainable_head)
+    _, actual = run_with_grads(backend, hidden, weight, targets, bias, softcap, grad_out,
+                               trainable_head=trainable_head)
+    assert_grad_close(actual[0], expected[0], eager[0], dtype)
+    if trainable_head:
+        assert_grad_close(actual[1], expected[1], eager[1], dtype)
+        if bias is not None:
+            assert_grad_close(actual[2], expected[2], eager[2], dtype)
+    else:
+        assert actual[1] is None and actual[2] is None
+    assert (actual[0][targets == IGNORE] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_only_trainable(backend):
+    """Weight and bias trainable while hidden is not: the recompute backward skips grad_hidden."""
+    hidden, weight, targets, bias = make_inputs((23,), 12, 97, torch.float32, with_bias=True)
+    grad_out = torch.randn(23)
+    weight = weight.requires_grad_()
+    bias = bias.requires_grad_()
+    token_logprobs(hidden, weight, targets, bias=bias, backend=backend).backward(grad_out)
+    _, expected_weight, expected_bias = oracle_grads(hidden, weight, targets, grad_out, bias)
+    assert max_err(weight.grad, expected_weight) <= FP32_GRAD_REL * scale_of(expected_weight)
+    assert max_err(bias.grad, expected_bias) <= FP32_GRAD_REL * scale_of(expected_bias)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 5 * 251 * 4, 1 << 30], ids=["1-row", "5-rows", "one-block"])
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen-head", "trainable-head"])
+def test_cpu_block_boundaries(monkeypatch, block_bytes, trainable_head):
+    """Blocks of 1 and 5 tokens (37 is not a multiple of 5) give the same results as one block."""
+    monkeypatch.setattr(ops, "CPU_LOGITS_BLOCK_BYTES", block_bytes)
+    hidden, weight, targets, bias = make_inputs((37,), 13, 251, torch.float32, with_bias=True)
+    grad_out = torch.randn(37)
+    logp, grads = run_with_grads("cpu", hidden, weight, targets, bias, 2.5, grad_out,
+                                 trainable_head=trainable_head)
+    assert max_err(logp, token_logprobs_oracle(hidden, weight, targets, bias, softcap=2.5)) <= 1e-5 * 10
+    expected = oracle_grads(hidden, weight, targets, grad_out, bias, softcap=2.5)
+    for got, want in zip(grads, expected):
+        if got is not None:
+            assert max_err(got, want) <= FP32_GRAD_REL * scale_of(want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["nocap", "cap2"])
+def test_gradcheck_float64(backend, softcap):
+    hidden, weight, targets, bias = make_inputs((2, 3), 5, 11, torch.float64, with_bias=True)
+    targets[0, 1] = IGNORE
+    hidden.requires_grad_()
+
+    def frozen_head(h):
+        return token_logprobs(h, weight, targets, bias=bias, softcap=softcap, backend=backend)
+
+    def trainable_head(h, w, b):
+        return token_logprobs(h, w, targets, bias=b, softcap=softcap, backend=backend)
+
+    assert torch.autograd.gradcheck(frozen_head, (hidden,))
+    assert torch.autograd.gradcheck(
+        trainable_head, (hidden, weight.requires_grad_(), bias.requires_grad_())
+    )
+
+
+def test_float64_output_dtype():
+    hidden, weight, targets, _ = make_inputs((4,), 6, 10, torch.float64)
+    assert token_logprobs(hidden, weight, targets).dtype == torch.float64
+
+
+class BackendSpy:
+    """Wraps the CPU backend and records what each call received."""
+
+    def __init__(self):
+        self.inner = ops.CpuBackend()
+        self.name = "cpu"
+        self.forward_calls = []
+        self.backward_calls = 0
+
+    def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
+        self.forward_calls.append((hidden.shape[0], with_jacobian))
+        return self.inner.forward(hidden, weight, bias, targets, softcap, with_jacobian)
+
+    def backward(self, *args):
+        self.backward_calls += 1
+        return self.inner.backward(*args)
+
+
+@pytest.fixture
+def cpu_spy(monkeypatch):
+    spy = BackendSpy()
+    monkeypatch.setattr(ops, "CpuBackend", lambda: spy)
+    return spy
+
+
+def test_ignored_tokens_never_reach_the_kernel(cpu_spy):
+    hidden, weight, targets, _ = make_inputs((5, 8), 6, 31, torch.float32, ignore_fraction=0.6)
+    kept = int((targets != IGNORE).sum())
+    assert 0 < kept < targets.numel()
+    token_logprobs(hidden, weight, targets)
+    assert cpu_spy.forward_calls == [(kept, False)]
+
+
+def test_frozen_head_uses_the_jacobian_and_no_recompute(cpu_spy):
+    hidden, weight, targets, _ = make_inputs((9,), 6, 31, torch.float32)
+    hidden.requires_grad_()
+    token_logprobs(hidden, weight, targets).sum().backward()
+    assert cpu_spy.forward_calls == [(9, True)]
+    assert cpu_spy.backward_calls == 0
+
+
+def test_trainable_head_recomputes(cpu_spy):
+    hidden, weight, targets, _ = make_inputs((9,), 6, 31, torch.float32)
+    weight.requires_grad_()
+    token_logprobs(hidden, weight, targets).sum().backward()
+    assert cpu_spy.forward_calls == [(9, False)]
+    assert cpu_spy.backward_calls == 1
+
+
+def test_no_grad_runs_only_the_logsumexp_sweep(cpu_spy):
+    hidden, weight, targets, _ = make_inputs((9,), 6, 31, torch.float32)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with torch.no_grad():
+        logp = token_logprobs(hidden, weight, targets)
+    assert logp.grad_fn is None
+    assert cpu_spy.forward_calls == [(9, False)]
+    assert max_err(logp, token_logprobs_oracle(hidden, weight, targets)) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored(backend):
+    hidden, weight, targets, _ = make_inputs((4, 3), 6, 17, torch.float32)
+    targets.fill_(IGNORE)
+    hidden.requires_grad_()
+    logp = token_logprobs(hidden, weight, targets, backend=backend)
+    assert logp.shape == (4, 3)
+    assert (logp == 0).all()
+    logp.backward(torch.randn(4, 3))
+    assert (hidden.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead_shape", [(0,), (2, 0)], ids=["N0", "B2xT0"])
+def test_empty_input(backend, lead_shape):
+    hidden = torch.randn(*lead_shape, 6)
+    targets = torch.zeros(lead_shape, dtype=torch.long)
+    logp = token_logprobs(hidden, torch.randn(17, 6), targets, backend=backend)
+    assert logp.shape == lead_shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["hidden-nan", "hidden-inf", "weight-inf", "bias-nan"])
+def test_non_finite_inputs_raise(backend, where):
+    hidden, weight, targets, bias = make_inputs((6,), 5, 19, torch.float32, with_bias=True)
+    tensor, value = {
+        "hidden-nan": (hidden, math.nan), "hidden-inf": (hidden, math.inf),
+        "weight-inf": (weight, math.inf), "bias-nan": (bias, math.nan),
+    }[where]
+    tensor.view(-1)[3] = value
+    with pytest.raises(ValueError, match="non-finite"):
+        token_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_hidden_in_an_ignored_row_is_not_scored(backend):
+    hidden, weight, targets, _ = make_inputs((6,), 5, 19, torch.float32)
+    hidden[2] = math.nan
+    targets[2] = IGNORE
+    logp = token_logprobs(hidden, weight, targets, backend=backend)
+    assert torch.isfinite(logp).all()
+
+
+def bad_input_cases():
+    hidden, weight = torch.randn(4, 6), torch.randn(17, 6)
+    targets, bias = torch.randint(0, 17, (4,)), torch.randn(17)
+    return {
+        "weight-1d": (dict(weight=torch.randn(17)), ValueError, "weight"),
+        "hidden-d-mismatch": (dict(hidden=torch.randn(4, 5)), ValueError, "hidden"),
+        "targets-shape": (dict(targets=torch.randint(0, 17, (5,))), ValueError, "targets"),
+        "bias-shape": (dict(bias=torch.randn(16)), ValueError, "bias"),
+        "weight-dtype": (dict(weight=weight.double()), TypeError, "weight"),
+        "bias-dtype": (dict(bias=bias.half()), TypeError, "bias"),
+        "hidden-int": (dict(hidden=torch.ones(4, 6, dtype=torch.long),
+                            weight=torch.ones(17, 6, dtype=torch.long)), TypeError, "hidden"),
+        "targets-float": (dict(targets=targets.float()), TypeError, "targets"),
+        "targets-bool": (dict(targets=targets > 3), TypeError, "targets"),
+        "target-too-large": (dict(targets=torch.tensor([0, 17, 1, 2])), ValueError, "17"),
+        "target-negative": (dict(targets=torch.tensor([0, -1, 1, 2])), ValueError, "-1"),
+        "weight-device": (dict(weight=torch.empty(17, 6, device="meta")), ValueError, "weight"),
+        "targets-device": (dict(targets=torch.empty(4, dtype=torch.long, device="meta")), ValueError,
+                           "targets"),
+        "hidden-not-tensor": (dict(hidden=[[0.0] * 6] * 4), TypeError, "hidden"),
+        "softcap-zero": (dict(softcap=0.0), ValueError, "softcap"),
+        "softcap-nan": (dict(softcap=math.nan), ValueError, "softcap"),
+        "softcap-string": (dict(softcap="1"), TypeError, "softcap"),
+        "unknown-backend": (dict(backend="cuda-magic"), ValueError, "backend"),
+    }, dict(hidden=hidden, weight=weight, targets=targets, bias=bias)
+
+
+BAD_CASES, GOOD_ARGS = bad_input_cases()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_raises(backend, case):
+    overrides, error, message = BAD_CASES[case]
+    args = {**GOOD_ARGS, "backend": backend, **overrides}
+    with pytest.raises(error, match=message):
+        token_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
+
+
+def test_cpu_backend_rejects_other_devices():
+    hidden = torch.empty(4, 6, device="meta")
+    with pytest.raises(ValueError, match="backend='cpu'"):
+        token_logprobs(hidden, torch.empty(17, 6, device="meta"),
+                       torch.empty(4, dtype=torch.long, device="meta"), backend="cpu")
+
+
+def test_int32_targets_accepted():
+    hidden, weight, targets, _ = make_inputs((7,), 6, 17, torch.float32)
+    expected = token_logprobs(hidden, weight, targets)
+    assert torch.equal(token_logprobs(hidden, weight, targets.int()), expected)
+
+
+def test_public_api():
+    assert autoregembed_fast.token_logprobs is token_logprobs
+    assert "reference" in autoregembed_fast.BACKENDS and "cpu" in autoregembed_fast.BACKENDS
