@@ -18,56 +18,12 @@ from typing import NamedTuple
 
 import torch
 
+from autoregembed_fast import backends
+from autoregembed_fast.backends import accumulation_dtype
+from autoregembed_fast.kernels import INTERPRETING
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "reference", "cpu")
-
-# Byte budget for the one block of logits the chunked CPU backend holds at a time.
-CPU_LOGITS_BLOCK_BYTES = 128 * 2**20
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 inputs accumulate in float64, every other float dtype in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def block_rows_for_budget(vocab_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
-    """Tokens per block so that one block of logits fits the byte budget (at least one token)."""
-    row_bytes = max(vocab_size, 1) * torch.empty((), dtype=dtype).element_size()
-    return max(1, budget_bytes // row_bytes)
-
-
-class CpuBackend:
-    """Chunked GEMM + fused epilogue in C++ (`csrc/token_logprobs_cpu.cpp`)."""
-
-    name = "cpu"
-
-    def __init__(self, block_bytes: int | None = None):
-        self.block_bytes = CPU_LOGITS_BLOCK_BYTES if block_bytes is None else block_bytes
-
-    @staticmethod
-    def extension():
-        from autoregembed_fast import _C
-
-        return _C
-
-    def _block_rows(self, weight: torch.Tensor) -> int:
-        return block_rows_for_budget(
-            weight.shape[0], accumulation_dtype(weight.dtype), self.block_bytes
-        )
-
-    def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
-        logp, lse, jacobian = self.extension().token_logprobs_forward_cpu(
-            hidden, weight, bias, targets, softcap or 0.0, with_jacobian, self._block_rows(weight)
-        )
-        return logp, lse, jacobian
-
-    def backward(self, hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden,
-                 need_weight, need_bias):
-        grads = self.extension().token_logprobs_backward_cpu(
-            hidden, weight, bias, targets, lse, grad_logp, softcap or 0.0,
-            need_hidden, need_weight, need_bias, self._block_rows(weight),
-        )
-        return tuple(grads)
+BACKENDS = ("auto", "reference", "cpu", "triton", "triton-fused", "cuda")
 
 
 class _FrozenHeadLogprobs(torch.autograd.Function):
@@ -172,8 +128,7 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
     for name, value in (("weight", weight), ("targets", targets), ("bias", bias)):
         if value is not None and value.device != hidden.device:
             raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
-    if backend == "cpu" and hidden.device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {hidden.device}")
+    _check_backend_device(backend, hidden.device)
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be a positive number or None, got {softcap!r}")
@@ -192,17 +147,48 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
     return _Validated(hidden.reshape(-1, dim), flat_targets, softcap)
 
 
-def _pick_backend(backend: str, device: torch.device):
+def _check_backend_device(backend: str, device: torch.device) -> None:
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    # The Triton interpreter (TRITON_INTERPRET=1) runs the Triton kernels on CPU tensors.
+    if backend.startswith("triton") and device.type != "cuda" and not INTERPRETING:
+        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+
+
+def _pick_backend(backend: str, device: torch.device, dtype: torch.dtype):
     if backend == "auto":
+        # CUDA: Triton when it is installed (its no-grad path needs no logits buffer at all; the
+        # frozen-head route is the same chunked GEMMs for both). Not yet measured on a GPU.
         if device.type == "cpu":
-            return CpuBackend()
-        raise NotImplementedError(
-            f"no fused backend for {device.type} tensors yet; pass backend='reference' to use the "
-            "materialised path"
+            backend = "cpu"
+        elif device.type == "cuda":
+            backend = "triton" if _triton_available() else "cuda"
+        else:
+            raise ValueError(f"no backend for {device.type} tensors; use backend='reference'")
+    if backend == "cuda" and not backends.cuda_extension_available():
+        raise RuntimeError(
+            "backend='cuda' needs autoregembed_fast._C built with CUDA (install with a CUDA build of "
+            "torch and nvcc present)"
         )
-    if backend == "cpu":
-        return CpuBackend()
-    raise AssertionError(f"unhandled backend {backend!r}")
+    impl = {
+        "cpu": backends.CpuBackend,
+        "triton": lambda: backends.TritonBackend(jacobian="chunked"),
+        "triton-fused": lambda: backends.TritonBackend(jacobian="fused"),
+        "cuda": backends.CudaBackend,
+    }[backend]()
+    if dtype not in impl.dtypes:
+        raise TypeError(f"backend={backend!r} supports {impl.dtypes}, got {dtype}")
+    return impl
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_finite(logp: torch.Tensor) -> None:
@@ -238,8 +224,13 @@ def token_logprobs(
         ignore_index: targets with this value score exactly ``0.0``, get zero gradient and cost no FLOPs
             (they are removed before any GEMM).
         softcap: optional positive cap applied to the logits before the softmax.
-        backend: ``"auto"`` (the C++ CPU backend for CPU tensors), ``"cpu"`` or ``"reference"`` (the
-            materialised eager computation; the test oracle's twin and the benchmarks' baseline).
+        backend: ``"auto"`` (``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors, ``"cuda"``
+            when triton is not installed), ``"cpu"`` (C++), ``"triton"`` (fused Triton kernels; the
+            frozen-head Jacobian by GEMM + Triton epilogue + GEMM), ``"triton-fused"`` (the same, but
+            the Jacobian by a second fused kernel: no logits buffer at all), ``"cuda"`` (GEMMs around
+            a CUDA epilogue kernel) or ``"reference"`` (the materialised eager computation; the test
+            oracle's twin and the benchmarks' baseline). The Triton and CUDA backends take float16,
+            bfloat16 and float32 inputs.
 
     Returns:
         ``[...]`` log-probabilities, float32 (float64 for float64 inputs); accumulation and the softmax
@@ -251,9 +242,12 @@ def token_logprobs(
     recomputes the logits block by block. Under ``torch.no_grad()`` only the log-sum-exp sweep runs.
 
     Raises:
-        TypeError: a non-tensor argument, a non-float ``hidden``, mismatched dtypes, non-integer targets.
+        TypeError: a non-tensor argument, a non-float ``hidden``, mismatched dtypes, non-integer
+            targets, a dtype the chosen backend does not take.
         ValueError: mismatched shapes or devices, a target outside ``[0, V)``, non-finite values in
-            ``hidden`` / ``weight`` / ``bias``, a bad ``softcap``, an unknown backend.
+            ``hidden`` / ``weight`` / ``bias``, a bad ``softcap``, an unknown backend or one that
+            cannot run on the tensors' device.
+        RuntimeError: ``backend="cuda"`` without the CUDA build of the extension.
     """
     flat_hidden, flat_targets, softcap = _validate(
         hidden, weight, targets, bias, ignore_index, softcap, backend
@@ -268,7 +262,7 @@ def token_logprobs(
         _check_finite(logp[keep])
         return logp.reshape(targets.shape)
 
-    impl = _pick_backend(backend, hidden.device)
+    impl = _pick_backend(backend, hidden.device, hidden.dtype)
     kept_index = keep.nonzero().squeeze(1)
     compacted = kept_index.numel() < flat_targets.numel()
     if compacted:
