@@ -152,9 +152,9 @@ def _check_backend_device(backend: str, device: torch.device) -> None:
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
     # The Triton interpreter (TRITON_INTERPRET=1) runs the Triton kernels on CPU tensors.
     if backend.startswith("triton") and device.type != "cuda" and not INTERPRETING:
-        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
+        raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
     if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
 
 
 def _pick_backend(backend: str, device: torch.device, dtype: torch.dtype):
