@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "epilogue_math.h"
+
 namespace autoregembed_fast {
 
 // exp for float in the shape gcc vectorises: clamped argument, magic-number rounding, a degree-6
@@ -69,25 +71,22 @@ __attribute__((always_inline)) inline acc_t logsumexp(const acc_t* z, int64_t V)
 }
 
 // Overwrites the (already capped) logits z with scale * d log p[target] / d z_raw, where z_raw are the
-// logits before the softcap: scale * (onehot(target) - softmax(z)) * cap'(z_raw), with
-// cap'(z_raw) = 1 - (z / cap)^2. Multiplying the result by W gives scale * d log p / d hidden.
+// logits before the softcap (formulas in epilogue_math.h). Multiplying the result by W gives
+// scale * d log p / d hidden.
 template <typename acc_t>
 __attribute__((always_inline)) inline void logprob_grad_coefficients(
     acc_t* z, int64_t V, acc_t cap, int64_t target, acc_t lse, acc_t scale) {
   if (cap > 0) {
     const acc_t inv_cap = acc_t(1) / cap;
-    const acc_t target_ratio = z[target] * inv_cap;
-    const acc_t target_slope = acc_t(1) - target_ratio * target_ratio;
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      const acc_t ratio = z[v] * inv_cap;
-      z[v] = -scale * fast_exp(z[v] - lse) * (acc_t(1) - ratio * ratio);
+      z[v] = grad_coefficient(fast_exp(z[v] - lse), softcap_slope(z[v], inv_cap), v == target, scale);
     }
-    z[target] += scale * target_slope;
   } else {
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) z[v] = -scale * fast_exp(z[v] - lse);
-    z[target] += scale;
+    for (int64_t v = 0; v < V; ++v) {
+      z[v] = grad_coefficient(fast_exp(z[v] - lse), acc_t(1), v == target, scale);
+    }
   }
 }
 

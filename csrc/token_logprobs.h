@@ -23,4 +23,14 @@ std::vector<at::Tensor> token_logprobs_backward_cpu(
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad_logp, double softcap,
     bool need_hidden, bool need_weight, bool need_bias, int64_t block_rows);
 
+#ifdef AEF_WITH_CUDA
+// Epilogue of the chunked route on CUDA (logits_epilogue_cuda.cu; contract in logits_epilogue_cuda.h):
+// logits [C, V] fp32, coeff [C, V] fp32/bf16/fp16 or none, targets [C] int64, lse [C] fp32 (written
+// when compute_lse, read otherwise), target_logit [C] fp32 (written when compute_lse), grad [C] fp32.
+void logits_epilogue_cuda(
+    const at::Tensor& logits, const c10::optional<at::Tensor>& coeff, const at::Tensor& targets,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& target_logit,
+    const c10::optional<at::Tensor>& grad, double softcap, bool compute_lse);
+#endif
+
 }  // namespace autoregembed_fast
