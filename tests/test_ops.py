@@ -7,10 +7,29 @@ import torch
 
 import autoregembed_fast
 from autoregembed_fast import backends, ops, token_logprobs
+from autoregembed_fast.kernels import INTERPRETING
 from oracle import oracle_grads, token_logprobs_oracle
 
-# The Triton backends run under the interpreter here (TRITON_INTERPRET=1, set in conftest.py).
-BACKENDS = ["reference", "cpu", "triton", "triton-fused"]
+
+
+def backend_device(backend: str) -> str:
+    """Where a backend's inputs live in these tests: the Triton backends run on CPU tensors under the
+    interpreter (TRITON_INTERPRET=1, the default of conftest.py) and on CUDA tensors otherwise."""
+    if backend in ("reference", "cpu") or (backend.startswith("triton") and INTERPRETING):
+        return "cpu"
+    return "cuda"
+
+
+def backend_runs_here(backend: str) -> bool:
+    if backend_device(backend) == "cpu":
+        return True
+    if not torch.cuda.is_available():
+        return False
+    return backend != "cuda" or backends.cuda_extension_available()
+
+
+# On a GPU machine, `TRITON_INTERPRET=0 pytest` runs the compiled Triton kernels and the CUDA backend.
+BACKENDS = [b for b in ("reference", "cpu", "triton", "triton-fused", "cuda") if backend_runs_here(b)]
 FLOAT64_BACKENDS = ["reference", "cpu"]
 IGNORE = -100
 
@@ -29,7 +48,8 @@ FP32_GRAD_ABS = 1e-6  # where the true gradient is exactly 0 (V = 1), rounding l
 LOW_PRECISION_MARGIN = {dtype: torch.finfo(dtype).eps for dtype in (torch.bfloat16, torch.float16)}
 
 
-def make_inputs(lead_shape, d, V, dtype, *, with_bias=False, ignore_fraction=0.0, peaked=False):
+def make_inputs(lead_shape, d, V, dtype, *, with_bias=False, ignore_fraction=0.0, peaked=False,
+                device="cpu"):
     hidden = torch.randn(*lead_shape, d)
     weight = torch.randn(V, d) * (3.0 / math.sqrt(d))
     targets = torch.randint(0, V, lead_shape)
@@ -40,8 +60,8 @@ def make_inputs(lead_shape, d, V, dtype, *, with_bias=False, ignore_fraction=0.0
     if ignore_fraction > 0:
         targets[torch.rand(lead_shape) < ignore_fraction] = IGNORE
     bias = torch.randn(V) if with_bias else None
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return cast(hidden), cast(weight), targets, cast(bias)
+    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+    return cast(hidden), cast(weight), targets.to(device), cast(bias)
 
 
 def max_err(actual, expected):
@@ -77,7 +97,8 @@ def assert_grad_close(actual, expected, eager, dtype):
 def test_forward_matches_oracle(backend, shape, dtype, with_bias, softcap, ignore_fraction):
     lead_shape, d, V = shape
     hidden, weight, targets, bias = make_inputs(
-        lead_shape, d, V, dtype, with_bias=with_bias, ignore_fraction=ignore_fraction
+        lead_shape, d, V, dtype, with_bias=with_bias, ignore_fraction=ignore_fraction,
+        device=backend_device(backend),
     )
     expected = token_logprobs_oracle(hidden, weight, targets, bias, IGNORE, softcap)
     eager = token_logprobs(hidden, weight, targets, bias=bias, softcap=softcap, backend="reference")
@@ -91,7 +112,8 @@ def test_forward_matches_oracle(backend, shape, dtype, with_bias, softcap, ignor
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_peaked_softmax(backend, dtype):
-    hidden, weight, targets, _ = make_inputs((29,), 16, 307, dtype, peaked=True)
+    hidden, weight, targets, _ = make_inputs((29,), 16, 307, dtype, peaked=True,
+                                             device=backend_device(backend))
     expected = token_logprobs_oracle(hidden, weight, targets)
     eager = token_logprobs(hidden, weight, targets, backend="reference")
     actual = token_logprobs(hidden, weight, targets, backend=backend)
@@ -121,10 +143,11 @@ def test_gradients_match_oracle(
 ):
     lead_shape, d, V = shape
     hidden, weight, targets, bias = make_inputs(
-        lead_shape, d, V, dtype, with_bias=with_bias, ignore_fraction=ignore_fraction
+        lead_shape, d, V, dtype, with_bias=with_bias, ignore_fraction=ignore_fraction,
+        device=backend_device(backend),
     )
     # A random per-token upstream gradient: an implementation that only handles a scalar loss fails.
-    grad_out = torch.randn(lead_shape)
+    grad_out = torch.randn(lead_shape).to(hidden.device)
     expected = oracle_grads(hidden, weight, targets, grad_out, bias, IGNORE, softcap)
     _, eager = run_with_grads("reference", hidden, weight, targets, bias, softcap, grad_out,
                               trainable_head=trainable_head)
@@ -143,8 +166,9 @@ def test_gradients_match_oracle(
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_head_only_trainable(backend):
     """Weight and bias trainable while hidden is not: the recompute backward skips grad_hidden."""
-    hidden, weight, targets, bias = make_inputs((23,), 12, 97, torch.float32, with_bias=True)
-    grad_out = torch.randn(23)
+    hidden, weight, targets, bias = make_inputs((23,), 12, 97, torch.float32, with_bias=True,
+                                                device=backend_device(backend))
+    grad_out = torch.randn(23).to(hidden.device)
     weight = weight.requires_grad_()
     bias = bias.requires_grad_()
     token_logprobs(hidden, weight, targets, bias=bias, backend=backend).backward(grad_out)
@@ -195,7 +219,8 @@ def test_float64_output_dtype():
 
 @pytest.mark.parametrize("backend", sorted(set(BACKENDS) - set(FLOAT64_BACKENDS)))
 def test_float64_rejected_by_fp32_backends(backend):
-    hidden, weight, targets, _ = make_inputs((4,), 6, 10, torch.float64)
+    hidden, weight, targets, _ = make_inputs((4,), 6, 10, torch.float64,
+                                             device=backend_device(backend))
     with pytest.raises(TypeError, match=backend):
         token_logprobs(hidden, weight, targets, backend=backend)
 
@@ -263,22 +288,24 @@ def test_no_grad_runs_only_the_logsumexp_sweep(cpu_spy):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored(backend):
-    hidden, weight, targets, _ = make_inputs((4, 3), 6, 17, torch.float32)
+    hidden, weight, targets, _ = make_inputs((4, 3), 6, 17, torch.float32,
+                                             device=backend_device(backend))
     targets.fill_(IGNORE)
     hidden.requires_grad_()
     logp = token_logprobs(hidden, weight, targets, backend=backend)
     assert logp.shape == (4, 3)
     assert (logp == 0).all()
-    logp.backward(torch.randn(4, 3))
+    logp.backward(torch.randn(4, 3).to(hidden.device))
     assert (hidden.grad == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead_shape", [(0,), (2, 0)], ids=["N0", "B2xT0"])
 def test_empty_input(backend, lead_shape):
-    hidden = torch.randn(*lead_shape, 6)
-    targets = torch.zeros(lead_shape, dtype=torch.long)
-    logp = token_logprobs(hidden, torch.randn(17, 6), targets, backend=backend)
+    device = backend_device(backend)
+    hidden = torch.randn(*lead_shape, 6, device=device)
+    targets = torch.zeros(lead_shape, dtype=torch.long, device=device)
+    logp = token_logprobs(hidden, torch.randn(17, 6, device=device), targets, backend=backend)
     assert logp.shape == lead_shape
 
 
@@ -286,7 +313,8 @@ def test_empty_input(backend, lead_shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["hidden-nan", "hidden-inf", "weight-inf", "bias-nan"])
 def test_non_finite_inputs_raise(backend, where):
-    hidden, weight, targets, bias = make_inputs((6,), 5, 19, torch.float32, with_bias=True)
+    hidden, weight, targets, bias = make_inputs((6,), 5, 19, torch.float32, with_bias=True,
+                                                device=backend_device(backend))
     tensor, value = {
         "hidden-nan": (hidden, math.nan), "hidden-inf": (hidden, math.inf),
         "weight-inf": (weight, math.inf), "bias-nan": (bias, math.nan),
@@ -298,29 +326,34 @@ def test_non_finite_inputs_raise(backend, where):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_hidden_in_an_ignored_row_is_not_scored(backend):
-    hidden, weight, targets, _ = make_inputs((6,), 5, 19, torch.float32)
+    hidden, weight, targets, _ = make_inputs((6,), 5, 19, torch.float32,
+                                             device=backend_device(backend))
     hidden[2] = math.nan
     targets[2] = IGNORE
     logp = token_logprobs(hidden, weight, targets, backend=backend)
     assert torch.isfinite(logp).all()
 
 
-def bad_input_cases():
-    hidden, weight = torch.randn(4, 6), torch.randn(17, 6)
-    targets, bias = torch.randint(0, 17, (4,)), torch.randn(17)
+def bad_input_cases(device="cpu"):
+    """{case: (overrides of the good arguments, exception type, text the message must hold)}, and the
+    good arguments, on `device`."""
+    hidden, weight = torch.randn(4, 6, device=device), torch.randn(17, 6, device=device)
+    targets = torch.randint(0, 17, (4,), device=device)
+    bias = torch.randn(17, device=device)
     return {
-        "weight-1d": (dict(weight=torch.randn(17)), ValueError, "weight"),
-        "hidden-d-mismatch": (dict(hidden=torch.randn(4, 5)), ValueError, "hidden"),
-        "targets-shape": (dict(targets=torch.randint(0, 17, (5,))), ValueError, "targets"),
-        "bias-shape": (dict(bias=torch.randn(16)), ValueError, "bias"),
+        "weight-1d": (dict(weight=weight[:, 0]), ValueError, "weight"),
+        "hidden-d-mismatch": (dict(hidden=hidden[:, :5]), ValueError, "hidden"),
+        "targets-shape": (dict(targets=torch.cat([targets, targets[:1]])), ValueError, "targets"),
+        "bias-shape": (dict(bias=bias[:16]), ValueError, "bias"),
         "weight-dtype": (dict(weight=weight.double()), TypeError, "weight"),
         "bias-dtype": (dict(bias=bias.half()), TypeError, "bias"),
-        "hidden-int": (dict(hidden=torch.ones(4, 6, dtype=torch.long),
-                            weight=torch.ones(17, 6, dtype=torch.long)), TypeError, "hidden"),
+        "hidden-int": (dict(hidden=hidden.long(), weight=weight.long()), TypeError, "hidden"),
         "targets-float": (dict(targets=targets.float()), TypeError, "targets"),
         "targets-bool": (dict(targets=targets > 3), TypeError, "targets"),
-        "target-too-large": (dict(targets=torch.tensor([0, 17, 1, 2])), ValueError, "17"),
-        "target-negative": (dict(targets=torch.tensor([0, -1, 1, 2])), ValueError, "-1"),
+        "target-too-large": (dict(targets=torch.tensor([0, 17, 1, 2], device=device)), ValueError,
+                             "17"),
+        "target-negative": (dict(targets=torch.tensor([0, -1, 1, 2], device=device)), ValueError,
+                            "-1"),
         "weight-device": (dict(weight=torch.empty(17, 6, device="meta")), ValueError, "weight"),
         "targets-device": (dict(targets=torch.empty(4, dtype=torch.long, device="meta")), ValueError,
                            "targets"),
@@ -332,14 +365,12 @@ def bad_input_cases():
     }, dict(hidden=hidden, weight=weight, targets=targets, bias=bias)
 
 
-BAD_CASES, GOOD_ARGS = bad_input_cases()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", sorted(BAD_CASES))
+@pytest.mark.parametrize("case", sorted(bad_input_cases()[0]))
 def test_bad_input_raises(backend, case):
-    overrides, error, message = BAD_CASES[case]
-    args = {**GOOD_ARGS, "backend": backend, **overrides}
+    cases, good_args = bad_input_cases(backend_device(backend))
+    overrides, error, message = cases[case]
+    args = {**good_args, "backend": backend, **overrides}
     with pytest.raises(error, match=message):
         token_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
 
