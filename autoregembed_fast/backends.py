@@ -3,9 +3,10 @@ and recompute gradients (the contract is in `autoregembed_fast.ops`).
 
 - `CpuBackend`: the C++ driver (`csrc/token_logprobs_cpu.cpp`), chunked GEMM + vectorised epilogue.
 - `TritonBackend`: fused Triton kernels (`autoregembed_fast.kernels`); the frozen-head Jacobian either
-  by the chunked route (cuBLAS GEMMs around the Triton epilogue kernel, 2 GEMM-equivalents) or the
+  by the chunked route (cuBLAS GEMMs around the Triton epilogue kernels, 2 GEMM-equivalents) or the
   fused route (log-sum-exp kernel + recompute kernel, 3 GEMM-equivalents, no logits buffer at all).
-- `CudaBackend`: the chunked route with the CUDA epilogue kernel of `csrc/logits_epilogue_cuda.cu`.
+- `CudaBackend`: the chunked route with the CUDA epilogue kernels of `csrc/logits_epilogue_cuda.cu`,
+  for every path.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from __future__ import annotations
 import torch
 
 # Byte budgets for the one block of logits the chunked routes hold at a time. On CPU, 64 MiB was ~5 %
-# slower than 128 MiB at the smollm2 shape (smaller blocks starve the GEMM). On GPUs the block holds
-# fp32 logits plus coefficients in the input dtype; 48 MiB keeps the op's extra memory under
-# N*d*4 bytes (the Jacobian) + 64 MB.
+# slower than 128 MiB at the smollm2 shape (smaller blocks starve the GEMM). On GPUs a chunk holds
+# fp32 logits plus weights in the input dtype; 48 MiB (+ one [R, d] fp32 GEMM output, 16 MiB at
+# R = 1024, d = 4096) keeps the op's extra memory under N*d*4 bytes (the Jacobian) + 64 MB.
 CPU_LOGITS_BLOCK_BYTES = 128 * 2**20
 GPU_LOGITS_BLOCK_BYTES = 48 * 2**20
+# Token rows per chunk on GPUs: >= ~300 keeps bf16 GEMMs compute-bound on an H100 (its FLOP/byte
+# ridge); 1024 rows leave chunks of 8k columns at V = 128k within the budget.
+GPU_MAX_BLOCK_ROWS = 1024
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -75,69 +79,102 @@ def fp32_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkedRoute:
-    """The chunked route on GPU tensors: per block of C tokens, fp32 logits from one GEMM, an epilogue
-    kernel (Triton or CUDA) that yields the log-sum-exp and the gradient coefficients G, then G @ W.
-    `epilogue(logits, targets, softcap, lse=, coeff_out=, grad_logp=) -> (lse, target_logit)` is the
-    contract of `autoregembed_fast.kernels.logits_epilogue.logits_epilogue`."""
+    """The chunked route on GPU tensors: the work is tiled into (R tokens) x (Vc vocabulary) chunks;
+    each chunk's fp32 logits come from one GEMM, an epilogue kernel (Triton or CUDA) turns them into
+    softmax weights (forward, online over the vocabulary as in flash attention) or gradient
+    coefficients (recompute backward), and a second GEMM with the chunk's rows of W accumulates
+    d log p / d hidden (or grad_hidden / grad_weight). Forward + Jacobian is 2 GEMM-equivalents, and
+    only one chunk of logits is held at a time, whatever V is, with R large enough to keep the GEMMs
+    compute-bound.
 
-    def __init__(self, epilogue, block_bytes: int | None = None):
-        self.epilogue = epilogue
+    `epilogues` provides `online_softmax_chunk` and `grad_coefficients_chunk` with the contracts of
+    `autoregembed_fast.kernels.logits_epilogue`.
+    """
+
+    def __init__(self, epilogues, block_bytes: int | None = None, max_rows: int = GPU_MAX_BLOCK_ROWS):
+        self.epilogues = epilogues
         self.block_bytes = GPU_LOGITS_BLOCK_BYTES if block_bytes is None else block_bytes
+        self.max_rows = max_rows
 
-    def _blocks(self, hidden, weight):
-        # fp32 logits, plus a separate coefficient buffer in the input dtype for 16-bit inputs.
-        bytes_per_logit = 4 + (weight.element_size() if weight.dtype in LOW_PRECISION else 0)
-        rows = block_rows_for_budget(weight.shape[0], bytes_per_logit, self.block_bytes)
-        for start in range(0, hidden.shape[0], rows):
-            yield slice(start, min(start + rows, hidden.shape[0]))
+    def _tiles(self, n_tokens, weight, with_weights_buffer):
+        """(rows, columns) of one chunk: fp32 logits, plus a weights/coefficients buffer in the input
+        dtype for 16-bit inputs, within the byte budget."""
+        vocab_size = weight.shape[0]
+        bytes_per_logit = 4
+        if with_weights_buffer and weight.dtype in LOW_PRECISION:
+            bytes_per_logit += weight.element_size()
+        rows = max(1, min(n_tokens, self.max_rows))
+        columns = max(1, min(vocab_size, self.block_bytes // (rows * bytes_per_logit)))
+        return rows, columns
 
     @staticmethod
-    def _logits(hidden_block, weight, bias):
-        logits = fp32_gemm(hidden_block, weight.t())
+    def _chunk_logits(hidden_rows, weight, bias, columns):
+        logits = fp32_gemm(hidden_rows, weight[columns].t())
         if bias is not None:
-            logits += bias.float()
+            logits += bias[columns].float()
         return logits
 
     @staticmethod
-    def _coefficient_buffer(logits, weight):
-        # 16-bit coefficients feed the second GEMM's tensor cores; fp32 ones overwrite the logits.
+    def _weights_buffer(logits, weight):
+        # 16-bit weights feed the second GEMM's tensor cores; fp32 ones overwrite the logits.
         return torch.empty_like(logits, dtype=weight.dtype) if weight.dtype in LOW_PRECISION else logits
 
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
-        n_tokens = hidden.shape[0]
-        lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-        logp = torch.empty_like(lse)
-        jacobian = (torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-                    if with_jacobian else None)
-        for block in self._blocks(hidden, weight):
-            logits = self._logits(hidden[block], weight, bias)
-            coeff = self._coefficient_buffer(logits, weight) if with_jacobian else None
-            block_lse, target_logit = self.epilogue(logits, targets[block], softcap, coeff_out=coeff)
-            lse[block] = block_lse
-            logp[block] = target_logit - block_lse
+        n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+        stats = dict(dtype=torch.float32, device=hidden.device)
+        running_max = torch.full((n_tokens,), float("-inf"), **stats)
+        running_sumexp = torch.zeros(n_tokens, **stats)
+        target_logit = torch.zeros(n_tokens, **stats)
+        jacobian = torch.zeros(hidden.shape, **stats) if with_jacobian else None
+        rows, columns = self._tiles(n_tokens, weight, with_jacobian)
+        for row_start in range(0, n_tokens, rows):
+            row_block = slice(row_start, min(row_start + rows, n_tokens))
+            alpha = torch.empty(row_block.stop - row_start, **stats) if with_jacobian else None
+            for col_start in range(0, vocab_size, columns):
+                col_block = slice(col_start, min(col_start + columns, vocab_size))
+                logits = self._chunk_logits(hidden[row_block], weight, bias, col_block)
+                weights = self._weights_buffer(logits, weight) if with_jacobian else None
+                self.epilogues.online_softmax_chunk(
+                    logits, targets[row_block], col_start, softcap, running_max[row_block],
+                    running_sumexp[row_block], target_logit[row_block], weights, alpha)
+                if with_jacobian:
+                    jacobian[row_block].mul_(alpha[:, None]).add_(
+                        fp32_gemm(weights, weight[col_block]))
             if with_jacobian:
-                jacobian[block] = fp32_gemm(coeff, weight)
-        return logp, lse, jacobian
+                # d log p / d hidden = cap'(z_y) (1 - p_y) W[y] - sum_{v != y} p_v cap'(z_v) W[v],
+                # with 1 - p_y = -expm1(log p_y) in fp32 (accurate when the softmax is peaked).
+                block_target = target_logit[row_block]
+                block_lse = running_max[row_block] + torch.log(running_sumexp[row_block])
+                slope = torch.ones_like(alpha) if softcap is None else 1 - (block_target / softcap) ** 2
+                target_coefficient = slope * -torch.expm1(block_target - block_lse)
+                jacobian[row_block] = (target_coefficient[:, None] * weight[targets[row_block]].float()
+                                       - jacobian[row_block] / running_sumexp[row_block, None])
+        lse = running_max + torch.log(running_sumexp)
+        return target_logit - lse, lse, jacobian
 
     def backward(self, hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden,
                  need_weight, need_bias):
-        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) \
-            if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
-            if need_bias else None
-        for block in self._blocks(hidden, weight):
-            logits = self._logits(hidden[block], weight, bias)
-            coeff = self._coefficient_buffer(logits, weight)
-            self.epilogue(logits, targets[block], softcap, lse=lse[block], coeff_out=coeff,
-                          grad_logp=grad_logp[block])
-            if need_hidden:
-                grad_hidden[block] = fp32_gemm(coeff, weight)
-            if need_weight:
-                grad_weight += fp32_gemm(coeff.t(), hidden[block])
-            if need_bias:
-                grad_bias += coeff.float().sum(dim=0)
+        stats = dict(dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros(hidden.shape, **stats) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, **stats) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], **stats) if need_bias else None
+        n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+        rows, columns = self._tiles(n_tokens, weight, True)
+        for row_start in range(0, n_tokens, rows):
+            row_block = slice(row_start, min(row_start + rows, n_tokens))
+            for col_start in range(0, vocab_size, columns):
+                col_block = slice(col_start, min(col_start + columns, vocab_size))
+                logits = self._chunk_logits(hidden[row_block], weight, bias, col_block)
+                coeff = self._weights_buffer(logits, weight)
+                self.epilogues.grad_coefficients_chunk(
+                    logits, targets[row_block], col_start, softcap, lse[row_block],
+                    grad_logp[row_block], coeff)
+                if need_hidden:
+                    grad_hidden[row_block] += fp32_gemm(coeff, weight[col_block])
+                if need_weight:
+                    grad_weight[col_block] += fp32_gemm(coeff.t(), hidden[row_block])
+                if need_bias:
+                    grad_bias[col_block] += coeff.float().sum(dim=0)
         return grad_hidden, grad_weight, grad_bias
 
 
@@ -157,8 +194,8 @@ class TritonBackend:
         self.jacobian = jacobian
 
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
+        from autoregembed_fast.kernels import logits_epilogue
         from autoregembed_fast.kernels.logits_backward import logits_backward
-        from autoregembed_fast.kernels.logits_epilogue import logits_epilogue
         from autoregembed_fast.kernels.lse_forward import lse_forward
 
         if with_jacobian and self.jacobian == "chunked":
@@ -181,23 +218,27 @@ class TritonBackend:
 def cuda_extension_available() -> bool:
     from autoregembed_fast import _C
 
-    return hasattr(_C, "logits_epilogue_cuda")
+    return hasattr(_C, "online_softmax_chunk_cuda")
 
 
-def cuda_logits_epilogue(logits, targets, softcap, *, lse=None, coeff_out=None, grad_logp=None):
-    """The CUDA epilogue kernel (csrc/logits_epilogue_cuda.cu), same contract as the Triton one."""
-    from autoregembed_fast import _C
+class CudaEpilogues:
+    """The CUDA epilogue kernels (csrc/logits_epilogue_cuda.cu), same contracts as the Triton ones in
+    `autoregembed_fast.kernels.logits_epilogue`."""
 
-    compute_lse = lse is None
-    rows = logits.shape[0]
-    if compute_lse:
-        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        target_logit = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    else:
-        target_logit = None
-    _C.logits_epilogue_cuda(logits, coeff_out, targets, lse, target_logit, grad_logp,
-                            float(softcap or 0.0), compute_lse)
-    return lse, target_logit
+    @staticmethod
+    def online_softmax_chunk(logits, targets, col_offset, softcap, running_max, running_sumexp,
+                             target_logit, weights_out=None, alpha_out=None):
+        from autoregembed_fast import _C
+
+        _C.online_softmax_chunk_cuda(logits, targets, col_offset, float(softcap or 0.0), running_max,
+                                     running_sumexp, target_logit, weights_out, alpha_out)
+
+    @staticmethod
+    def grad_coefficients_chunk(logits, targets, col_offset, softcap, lse, grad_logp, coeff_out):
+        from autoregembed_fast import _C
+
+        _C.grad_coefficients_chunk_cuda(logits, targets, col_offset, float(softcap or 0.0), lse,
+                                        grad_logp, coeff_out)
 
 
 class CudaBackend(ChunkedRoute):
@@ -207,4 +248,4 @@ class CudaBackend(ChunkedRoute):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def __init__(self, block_bytes: int | None = None):
-        super().__init__(cuda_logits_epilogue, block_bytes)
+        super().__init__(CudaEpilogues, block_bytes)

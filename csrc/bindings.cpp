@@ -15,9 +15,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("softcap"), pybind11::arg("need_hidden"), pybind11::arg("need_weight"),
         pybind11::arg("need_bias"), pybind11::arg("block_rows"));
 #ifdef AEF_WITH_CUDA
-  m.def("logits_epilogue_cuda", &autoregembed_fast::logits_epilogue_cuda, pybind11::arg("logits"),
-        pybind11::arg("coeff"), pybind11::arg("targets"), pybind11::arg("lse"),
-        pybind11::arg("target_logit"), pybind11::arg("grad"), pybind11::arg("softcap"),
-        pybind11::arg("compute_lse"));
+  m.def("online_softmax_chunk_cuda", &autoregembed_fast::online_softmax_chunk_cuda,
+        pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("col_offset"),
+        pybind11::arg("softcap"), pybind11::arg("running_max"), pybind11::arg("running_sumexp"),
+        pybind11::arg("target_logit"), pybind11::arg("weights"), pybind11::arg("alpha"));
+  m.def("grad_coefficients_chunk_cuda", &autoregembed_fast::grad_coefficients_chunk_cuda,
+        pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("col_offset"),
+        pybind11::arg("softcap"), pybind11::arg("lse"), pybind11::arg("grad"),
+        pybind11::arg("coeff"));
 #endif
 }

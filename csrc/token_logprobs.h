@@ -24,13 +24,18 @@ std::vector<at::Tensor> token_logprobs_backward_cpu(
     bool need_hidden, bool need_weight, bool need_bias, int64_t block_rows);
 
 #ifdef AEF_WITH_CUDA
-// Epilogue of the chunked route on CUDA (logits_epilogue_cuda.cu; contract in logits_epilogue_cuda.h):
-// logits [C, V] fp32, coeff [C, V] fp32/bf16/fp16 or none, targets [C] int64, lse [C] fp32 (written
-// when compute_lse, read otherwise), target_logit [C] fp32 (written when compute_lse), grad [C] fp32.
-void logits_epilogue_cuda(
-    const at::Tensor& logits, const c10::optional<at::Tensor>& coeff, const at::Tensor& targets,
-    const at::Tensor& lse, const c10::optional<at::Tensor>& target_logit,
-    const c10::optional<at::Tensor>& grad, double softcap, bool compute_lse);
+// Epilogue steps of the chunked route on CUDA (logits_epilogue_cuda.cpp / .cu; contracts in
+// logits_epilogue_cuda.h). logits [R, Vc] fp32 for vocabulary columns [col_offset, col_offset + Vc);
+// every per-row vector is [R] (targets int64, the rest fp32); weights / coeff are [R, Vc] fp32, bf16
+// or fp16 and may be logits itself.
+void online_softmax_chunk_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, int64_t col_offset, double softcap,
+    const at::Tensor& running_max, const at::Tensor& running_sumexp, const at::Tensor& target_logit,
+    const c10::optional<at::Tensor>& weights, const c10::optional<at::Tensor>& alpha);
+
+void grad_coefficients_chunk_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, int64_t col_offset, double softcap,
+    const at::Tensor& lse, const at::Tensor& grad, const at::Tensor& coeff);
 #endif
 
 }  // namespace autoregembed_fast

@@ -1,16 +1,20 @@
-"""Fused epilogue over a block of logits already in memory (the chunked route's second step).
+"""Fused epilogues over a chunk of logits already in memory: the chunked route's middle step.
 
-The chunked route computes a block of logits Z = H_c W^T with the platform GEMM (cuBLAS), runs this
-kernel over it, then forms G @ W with a second GEMM: 2 GEMM-equivalents for forward + Jacobian. One
-program per token row streams over its V logits:
+The chunked route tiles the work into (R tokens) x (Vc vocabulary) chunks whose logits come from the
+platform GEMM (cuBLAS); these kernels turn a chunk into what the next GEMM needs. One program per token
+row streams over its Vc logits.
 
-- with COMPUTE_LSE: applies the softcap (writing the capped logits back), keeps an online max /
-  sum-exp and picks up the target's logit -> lse, target_logit;
-- with WRITE_COEFF: writes G = g * (onehot(target) - softmax) * softcap' for the row (g = 1 without
-  an upstream gradient), into the logits buffer itself or into a separate (e.g. bf16) buffer.
-
-Without COMPUTE_LSE the row's log-sum-exp is read from `lse_ptr` and the logits are raw (the recompute
-backward), so the softcap is applied on the fly.
+- `online_softmax_chunk` (forward, flash-attention style): applies the softcap in place, updates the
+  row's running max / sum-exp, picks up the target's logit if the target lies in the chunk, and writes
+  the unnormalised weights exp(z - new_max) * softcap'(z) of every column but the target's (0 there)
+  plus the rescale factor alpha = exp(old_max - new_max). The driver then forms
+  acc <- alpha * acc + weights @ W_chunk, and at the end
+  d log p / d hidden = softcap'(z_target) (1 - p_target) W[target] - acc / sum_exp.
+  Keeping the target's term out of the (possibly bf16) weights and forming 1 - p_target in fp32 keeps
+  the error proportional to the gradient when the softmax is peaked (a confident token), as in eager
+  autograd. 2 GEMM-equivalents in all, and only one chunk of logits in memory, whatever V is.
+- `grad_coefficients_chunk` (recompute backward, log-sum-exp known): writes
+  g * (onehot(target) - exp(z - lse)) * softcap'(z) for the raw logits z of the chunk.
 """
 
 import torch
@@ -21,83 +25,104 @@ from autoregembed_fast.kernels.tl_utils import INTERPRETING, apply_softcap, soft
 
 
 @triton.jit
-def _logits_epilogue_kernel(
-    logits_ptr, coeff_ptr, targets_ptr, lse_ptr, target_logit_ptr, grad_ptr,
-    V, stride_logits, stride_coeff, softcap,
-    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_LSE: tl.constexpr,
-    WRITE_COEFF: tl.constexpr, HAS_GRAD: tl.constexpr,
+def _online_softmax_chunk_kernel(
+    logits_ptr, weights_ptr, alpha_ptr, targets_ptr, running_max_ptr, running_sumexp_ptr,
+    target_logit_ptr, Vc, col_offset, stride_logits, stride_weights, softcap,
+    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_WEIGHTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits
-    target = tl.load(targets_ptr + row)
+    target = tl.load(targets_ptr + row) - col_offset
 
-    if COMPUTE_LSE:
-        running_max = float("-inf")
-        running_sumexp = 0.0
-        target_logit = 0.0
-        for v_start in range(0, V, BLOCK_V):
-            cols = v_start + tl.arange(0, BLOCK_V)
-            col_mask = cols < V
-            z = tl.load(logits_row + cols, mask=col_mask, other=0.0)
-            if HAS_SOFTCAP:
-                z = apply_softcap(z, softcap, HAS_SOFTCAP)
-                tl.store(logits_row + cols, z, mask=col_mask)
-            z = tl.where(col_mask, z, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(z, axis=0))
-            running_sumexp = running_sumexp * tl.exp(running_max - new_max) + tl.sum(
-                tl.exp(z - new_max), axis=0)
-            running_max = new_max
-            target_logit += tl.sum(tl.where(cols == target, z, 0.0), axis=0)
-        lse = running_max + tl.log(running_sumexp)
-        tl.store(lse_ptr + row, lse)
-        tl.store(target_logit_ptr + row, target_logit)
-    else:
-        lse = tl.load(lse_ptr + row)
+    chunk_max = float("-inf")
+    for v_start in range(0, Vc, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < Vc
+        z = tl.load(logits_row + cols, mask=col_mask, other=0.0)
+        if HAS_SOFTCAP:
+            z = apply_softcap(z, softcap, HAS_SOFTCAP)
+            tl.store(logits_row + cols, z, mask=col_mask)
+        chunk_max = tl.maximum(chunk_max, tl.max(tl.where(col_mask, z, float("-inf")), axis=0))
 
-    if WRITE_COEFF:
-        if HAS_GRAD:
-            grad = tl.load(grad_ptr + row)
-        else:
-            grad = 1.0
-        coeff_row = coeff_ptr + row * stride_coeff
-        for v_start in range(0, V, BLOCK_V):
-            cols = v_start + tl.arange(0, BLOCK_V)
-            col_mask = cols < V
-            z = tl.load(logits_row + cols, mask=col_mask, other=0.0)
-            if not COMPUTE_LSE:
-                z = apply_softcap(z, softcap, HAS_SOFTCAP)
-            onehot = tl.where(cols == target, 1.0, 0.0)
-            coeff = grad * (onehot - tl.exp(z - lse)) * softcap_slope(z, softcap, HAS_SOFTCAP)
-            tl.store(coeff_row + cols, coeff, mask=col_mask)
+    old_max = tl.load(running_max_ptr + row)
+    new_max = tl.maximum(old_max, chunk_max)
+    chunk_sumexp = 0.0
+    target_logit = 0.0
+    for v_start in range(0, Vc, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < Vc
+        z = tl.load(logits_row + cols, mask=col_mask, other=0.0)
+        unnormalised = tl.where(col_mask, tl.exp(z - new_max), 0.0)
+        chunk_sumexp += tl.sum(unnormalised, axis=0)
+        target_logit += tl.sum(tl.where(cols == target, z, 0.0), axis=0)
+        if WRITE_WEIGHTS:
+            # The target's own term is left to the driver, which forms it in fp32 at the end.
+            weights = tl.where(cols == target, 0.0,
+                               unnormalised * softcap_slope(z, softcap, HAS_SOFTCAP))
+            tl.store(weights_ptr + row * stride_weights + cols, weights, mask=col_mask)
+
+    alpha = tl.exp(old_max - new_max)
+    tl.store(running_max_ptr + row, new_max)
+    tl.store(running_sumexp_ptr + row, tl.load(running_sumexp_ptr + row) * alpha + chunk_sumexp)
+    tl.store(target_logit_ptr + row, tl.load(target_logit_ptr + row) + target_logit)
+    if WRITE_WEIGHTS:
+        tl.store(alpha_ptr + row, alpha)
+
+
+@triton.jit
+def _grad_coefficients_chunk_kernel(
+    logits_ptr, coeff_ptr, targets_ptr, lse_ptr, grad_ptr, Vc, col_offset, stride_logits,
+    stride_coeff, softcap, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits
+    coeff_row = coeff_ptr + row * stride_coeff
+    target = tl.load(targets_ptr + row) - col_offset
+    lse = tl.load(lse_ptr + row)
+    grad = tl.load(grad_ptr + row)
+    for v_start in range(0, Vc, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < Vc
+        z = apply_softcap(tl.load(logits_row + cols, mask=col_mask, other=0.0), softcap, HAS_SOFTCAP)
+        onehot = tl.where(cols == target, 1.0, 0.0)
+        coeff = grad * (onehot - tl.exp(z - lse)) * softcap_slope(z, softcap, HAS_SOFTCAP)
+        tl.store(coeff_row + cols, coeff, mask=col_mask)
 
 
 GPU_BLOCK_V = 2048
 INTERPRETER_BLOCK_V = 256
 
 
-def logits_epilogue(logits, targets, softcap, *, lse=None, coeff_out=None, grad_logp=None):
-    """Runs the epilogue over logits [C, V] fp32 (rows contiguous); returns (lse [C], target_logit [C]).
+def _block_v() -> int:
+    return INTERPRETER_BLOCK_V if INTERPRETING else GPU_BLOCK_V
 
-    lse=None computes the log-sum-exp (and caps `logits` in place when softcap is set); otherwise the
-    given lse is used and `logits` must be raw. coeff_out [C, V] (may be `logits` itself) receives the
-    gradient coefficients, scaled per row by grad_logp [C] (1 when None).
-    """
-    rows, vocab_size = logits.shape
-    compute_lse = lse is None
-    if compute_lse:
-        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        target_logit = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    else:
-        target_logit = None
+
+def online_softmax_chunk(logits, targets, col_offset, softcap, running_max, running_sumexp,
+                         target_logit, weights_out=None, alpha_out=None):
+    """One forward step of the chunked route over logits [R, Vc] fp32 (unit column stride) holding
+    vocabulary columns [col_offset, col_offset + Vc). Updates running_max, running_sumexp and
+    target_logit ([R] fp32) in place; with weights_out [R, Vc] (any float dtype; may be `logits`)
+    also writes the unnormalised weights (0 at the target's column) and alpha_out [R]."""
+    rows, chunk = logits.shape
     if rows == 0:
-        return lse, target_logit
-    coeff = logits if coeff_out is None else coeff_out
-    _logits_epilogue_kernel[(rows,)](
-        logits, coeff, targets, lse, target_logit, grad_logp,
-        vocab_size, logits.stride(0), coeff.stride(0), float(softcap or 0.0),
-        BLOCK_V=INTERPRETER_BLOCK_V if INTERPRETING else GPU_BLOCK_V,
-        HAS_SOFTCAP=softcap is not None, COMPUTE_LSE=compute_lse,
-        WRITE_COEFF=coeff_out is not None, HAS_GRAD=grad_logp is not None,
-        num_warps=8,
+        return
+    write_weights = weights_out is not None
+    _online_softmax_chunk_kernel[(rows,)](
+        logits, weights_out, alpha_out, targets, running_max, running_sumexp, target_logit,
+        chunk, col_offset, logits.stride(0), weights_out.stride(0) if write_weights else 0,
+        float(softcap or 0.0), BLOCK_V=_block_v(), HAS_SOFTCAP=softcap is not None,
+        WRITE_WEIGHTS=write_weights, num_warps=8,
     )
-    return lse, target_logit
+
+
+def grad_coefficients_chunk(logits, targets, col_offset, softcap, lse, grad_logp, coeff_out):
+    """Recompute-backward step over raw logits [R, Vc] fp32 for columns [col_offset, col_offset + Vc):
+    writes grad_logp * (onehot(target) - exp(capped - lse)) * softcap' into coeff_out [R, Vc]."""
+    rows, chunk = logits.shape
+    if rows == 0:
+        return
+    _grad_coefficients_chunk_kernel[(rows,)](
+        logits, coeff_out, targets, lse, grad_logp, chunk, col_offset, logits.stride(0),
+        coeff_out.stride(0), float(softcap or 0.0), BLOCK_V=_block_v(),
+        HAS_SOFTCAP=softcap is not None, num_warps=8,
+    )

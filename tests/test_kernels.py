@@ -58,58 +58,83 @@ def test_lse_forward_splits(num_splits, softcap):
     assert (target_logit.double() - expected_target).abs().max() <= 1e-5 * expected_target.abs().max()
 
 
+def capped_logits(hidden, weight, bias, softcap):
+    return oracle_lse(hidden, weight, bias, softcap)[1]
+
+
 @needs_interpreter
-@pytest.mark.parametrize("coeff_dtype", [torch.float32, torch.bfloat16], ids=["in-place-fp32", "bf16-buffer"])
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16], ids=["in-place-fp32", "bf16-buffer"])
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["nocap", "cap4"])
-def test_epilogue_forward_and_coefficients(coeff_dtype, softcap):
-    hidden, weight, bias, targets = random_problem(9, 16, 1000)  # V spans 4 tiles, the last partial
-    _, logits64 = oracle_lse(hidden, weight, None, None)
-    raw = logits64.float()
-    logits = raw.clone()
-    coeff = logits if coeff_dtype == torch.float32 else torch.empty_like(logits, dtype=coeff_dtype)
-    lse, target_logit = logits_epilogue.logits_epilogue(logits, targets, softcap, coeff_out=coeff)
+def test_online_softmax_chunk_step(weights_dtype, softcap):
+    """One step from a non-trivial running state: columns [300, 1300) of a V = 1600 row, 4 tiles of the
+    interpreter's BLOCK_V (the last partial); some targets fall inside the chunk, some outside."""
+    hidden, weight, _, targets = random_problem(9, 16, 1600, with_bias=False)
+    targets[:4] = torch.tensor([300, 777, 1299, 1300])
+    capped = capped_logits(hidden, weight, None, softcap)
+    columns = slice(300, 1300)
+    old_max = capped[:, :300].max(dim=1).values
+    old_sumexp = torch.exp(capped[:, :300] - old_max[:, None]).sum(dim=1)
+    running_max, running_sumexp = old_max.float(), old_sumexp.float()
+    target_logit = torch.full((9,), 0.5)
+    logits = (hidden @ weight[columns].t()).contiguous()
+    weights = logits if weights_dtype == torch.float32 else torch.empty_like(logits, dtype=weights_dtype)
+    alpha = torch.empty(9)
+    logits_epilogue.online_softmax_chunk(logits, targets, 300, softcap, running_max, running_sumexp,
+                                         target_logit, weights, alpha)
 
-    capped = raw.double() if softcap is None else softcap * torch.tanh(raw.double() / softcap)
-    expected_lse = torch.logsumexp(capped, dim=-1)
-    assert (lse.double() - expected_lse).abs().max() <= 1e-5 * expected_lse.abs().max()
-    assert torch.allclose(target_logit.double(), capped.gather(1, targets[:, None])[:, 0], atol=1e-5)
-    slope = 1.0 if softcap is None else 1 - (capped / softcap) ** 2
-    onehot = torch.nn.functional.one_hot(targets, 1000).double()
-    expected_coeff = (onehot - torch.softmax(capped, dim=-1)) * slope
-    tolerance = 1e-6 if coeff_dtype == torch.float32 else 2 ** -8
-    assert (coeff.double() - expected_coeff).abs().max() <= tolerance
+    chunk = capped[:, columns]
+    new_max = torch.maximum(old_max, chunk.max(dim=1).values)
+    expected_alpha = torch.exp(old_max - new_max)
+    expected_sumexp = old_sumexp * expected_alpha + torch.exp(chunk - new_max[:, None]).sum(dim=1)
+    in_chunk = (targets >= 300) & (targets < 1300)
+    picked = chunk.gather(1, (targets - 300).clamp(0, 999)[:, None])[:, 0]
+    expected_target = 0.5 + torch.where(in_chunk, picked, torch.zeros_like(picked))
+    slope = 1.0 if softcap is None else 1 - (chunk / softcap) ** 2
+    expected_weights = torch.exp(chunk - new_max[:, None]) * slope
+    expected_weights[in_chunk, (targets - 300)[in_chunk]] = 0.0  # the driver adds the target's term
+    assert in_chunk[:3].all() and not in_chunk[3]
+    assert torch.allclose(running_max.double(), new_max, rtol=1e-6)
+    assert torch.allclose(alpha.double(), expected_alpha, rtol=1e-5)
+    assert torch.allclose(running_sumexp.double(), expected_sumexp, rtol=1e-5)
+    assert torch.allclose(target_logit.double(), expected_target, rtol=1e-5, atol=1e-5)
+    tolerance = 1e-6 if weights_dtype == torch.float32 else 2 ** -8
+    assert (weights.double() - expected_weights).abs().max() <= tolerance
 
 
 @needs_interpreter
-def test_epilogue_backward_mode_uses_given_lse_and_grad():
-    hidden, weight, bias, targets = random_problem(7, 16, 333)
-    expected_lse, _ = oracle_lse(hidden, weight, None, 3.0)
-    raw = (hidden @ weight.t()).contiguous()
+def test_grad_coefficients_chunk_uses_given_lse_grad_and_offset():
+    hidden, weight, _, targets = random_problem(7, 16, 700, with_bias=False)
+    targets[:2] = torch.tensor([100, 99])  # the first inside the chunk [100, 433), the second not
+    expected_lse, capped = oracle_lse(hidden, weight, None, 3.0)
+    raw = (hidden @ weight[100:433].t()).contiguous()
     grad = torch.randn(7)
     coeff = torch.empty_like(raw)
-    logits_epilogue.logits_epilogue(raw.clone(), targets, 3.0, lse=expected_lse.float(),
-                                    coeff_out=coeff, grad_logp=grad)
-    capped = 3.0 * torch.tanh(raw.double() / 3.0)
-    onehot = torch.nn.functional.one_hot(targets, 333).double()
-    expected = grad.double()[:, None] * (onehot - torch.softmax(capped, -1)) * (1 - (capped / 3.0) ** 2)
+    logits_epilogue.grad_coefficients_chunk(raw, targets, 100, 3.0, expected_lse.float(), grad, coeff)
+    chunk = capped[:, 100:433]
+    onehot = torch.nn.functional.one_hot(targets, 700).double()[:, 100:433]
+    expected = grad.double()[:, None] * (onehot - torch.exp(chunk - expected_lse[:, None])) * (
+        1 - (chunk / 3.0) ** 2)
     assert (coeff.double() - expected).abs().max() <= 1e-5
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
-def test_chunked_route_multi_block(dtype, softcap):
-    """The CUDA backend's driver (ChunkedRoute) with the Triton epilogue, in blocks of 4 tokens."""
+def test_chunked_route_in_many_chunks(dtype, softcap):
+    """The CUDA backend's driver (ChunkedRoute) with the Triton epilogues, tiled into 4 row blocks of
+    5 tokens and vocabulary chunks of 35 columns (130 = 3 * 35 + 25)."""
     hidden, weight, bias, targets = random_problem(18, 24, 130, dtype)
-    vocab = weight.shape[0]
-    route = backends.ChunkedRoute(logits_epilogue.logits_epilogue, block_bytes=4 * vocab * 6)
+    route = backends.ChunkedRoute(logits_epilogue, block_bytes=5 * 35 * 6, max_rows=5)
+    assert route._tiles(18, weight, with_weights_buffer=dtype == torch.bfloat16) == (5, 35 if dtype == torch.bfloat16 else 52)
     logp, lse, jacobian = route.forward(hidden, weight, bias, targets, softcap, True)
     expected_logp = token_logprobs_oracle(hidden, weight, targets, bias, softcap=softcap)
     assert (logp.double() - expected_logp).abs().max() <= 1e-5 * expected_logp.abs().max()
+    logp_no_grad, _, no_jacobian = route.forward(hidden, weight, bias, targets, softcap, False)
+    assert no_jacobian is None and torch.allclose(logp_no_grad, logp, atol=1e-6)
 
     grad = torch.randn(18)
     expected = oracle_grads(hidden, weight, targets, grad, bias, softcap=softcap)
-    # bf16 coefficients feed the second GEMM (as on tensor cores): bf16 relative rounding.
+    # bf16 weights feed the second GEMM (as on tensor cores): bf16 relative rounding.
     rel = 1e-4 if dtype == torch.float32 else 2 ** -7
     jacobian_grad = grad[:, None] * jacobian
     assert (jacobian_grad.double() - expected[0]).abs().max() <= rel * expected[0].abs().max()
@@ -153,9 +178,15 @@ def kernel_signatures():
         "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32",
         "stride_h": "i32", "stride_w": "i32", "softcap": "fp32",
     }
-    epilogue_types = {
+    online_types = {
+        "logits_ptr": "*fp32", "weights_ptr": "*bf16", "alpha_ptr": "*fp32", "targets_ptr": "*i64",
+        "running_max_ptr": "*fp32", "running_sumexp_ptr": "*fp32", "target_logit_ptr": "*fp32",
+        "Vc": "i32", "col_offset": "i32", "stride_logits": "i32", "stride_weights": "i32",
+        "softcap": "fp32",
+    }
+    coefficient_types = {
         "logits_ptr": "*fp32", "coeff_ptr": "*bf16", "targets_ptr": "*i64", "lse_ptr": "*fp32",
-        "target_logit_ptr": "*fp32", "grad_ptr": "*fp32", "V": "i32", "stride_logits": "i32",
+        "grad_ptr": "*fp32", "Vc": "i32", "col_offset": "i32", "stride_logits": "i32",
         "stride_coeff": "i32", "softcap": "fp32",
     }
     return [
@@ -164,9 +195,10 @@ def kernel_signatures():
         ("logits_backward", logits_backward._logits_backward_kernel, backward_types,
          {**tile, "HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_GRAD": True, "NEED_HIDDEN": True,
           "NEED_WEIGHT": True, "NEED_BIAS": True, "UPCAST": False}, True),
-        ("logits_epilogue", logits_epilogue._logits_epilogue_kernel, epilogue_types,
-         {"BLOCK_V": 2048, "HAS_SOFTCAP": True, "COMPUTE_LSE": True, "WRITE_COEFF": True,
-          "HAS_GRAD": True}, False),
+        ("online_softmax_chunk", logits_epilogue._online_softmax_chunk_kernel, online_types,
+         {"BLOCK_V": 2048, "HAS_SOFTCAP": True, "WRITE_WEIGHTS": True}, False),
+        ("grad_coefficients_chunk", logits_epilogue._grad_coefficients_chunk_kernel,
+         coefficient_types, {"BLOCK_V": 2048, "HAS_SOFTCAP": True}, False),
     ]
 
 
