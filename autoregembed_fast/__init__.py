@@ -4,12 +4,34 @@ Public API:
 
 - `token_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
   backend="auto")`: per-token log-likelihood under a linear LM head without materialising the N x V
-  logits; differentiable, with a frozen-head fast path (see `autoregembed_fast.ops`).
+  logits; differentiable, with a frozen-head fast path (`autoregembed_fast.ops`).
+- `sequence_logprobs`, `linear_cross_entropy`, `CompressionLoss`, `alignment_loss`, `AlignmentLoss`:
+  the method's losses on top of it (`autoregembed_fast.losses`).
+- `score_targets(decoder, memory, target_ids, target_mask, memory_index)`: log p(target | memory) under
+  a frozen Hugging Face decoder, one decoder pass for all targets, memory shared by index
+  (`autoregembed_fast.model`).
 """
 
 import torch  # noqa: F401  (the C++ extension needs torch's libraries loaded first)
 
+from autoregembed_fast.losses import (
+    AlignmentLoss,
+    CompressionLoss,
+    alignment_loss,
+    linear_cross_entropy,
+    sequence_logprobs,
+)
+from autoregembed_fast.model import score_targets
 from autoregembed_fast.ops import BACKENDS, token_logprobs
 
-__all__ = ["BACKENDS", "token_logprobs"]
+__all__ = [
+    "BACKENDS",
+    "AlignmentLoss",
+    "CompressionLoss",
+    "alignment_loss",
+    "linear_cross_entropy",
+    "score_targets",
+    "sequence_logprobs",
+    "token_logprobs",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""Losses against independent transcriptions of the released code and against Hugging Face models."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoregembed_fast import (
+    AlignmentLoss,
+    CompressionLoss,
+    alignment_loss,
+    linear_cross_entropy,
+    sequence_logprobs,
+)
+from test_ops import BACKENDS, backend_device
+from tiny_models import tiny_llama
+
+IGNORE = -100
+
+
+def released_get_batch_logps(logits, labels, average_log_prob=False):
+    """The released AutoRegEmbed / DPO `_get_batch_logps`, transcribed: full logits, shifted labels."""
+    labels = labels[:, 1:].clone()
+    logits = logits[:, :-1, :]
+    loss_mask = labels != IGNORE
+    labels[labels == IGNORE] = 0
+    per_token_logps = torch.gather(logits.log_softmax(-1), dim=2, index=labels.unsqueeze(2)).squeeze(2)
+    if average_log_prob:
+        return (per_token_logps * loss_mask).sum(-1) / loss_mask.sum(-1)
+    return (per_token_logps * loss_mask).sum(-1)
+
+
+def random_labels(batch, length, vocab, pattern):
+    labels = torch.randint(0, vocab, (batch, length))
+    if pattern == "memory-prefix":  # k memory slots unscored, as in the decoder input
+        labels[:, :5] = IGNORE
+    elif pattern == "right-padding":
+        for row, keep in enumerate(torch.randint(2, length, (batch,)).tolist()):
+            labels[row, keep:] = IGNORE
+    elif pattern == "random":
+        labels[torch.rand(batch, length) < 0.4] = IGNORE
+        labels[:, 1] = 0  # every row keeps a scored token (position 1 is the first shifted label)
+    return labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["none", "memory-prefix", "right-padding", "random"])
+@pytest.mark.parametrize("average", [False, True], ids=["sum", "average"])
+def test_sequence_logprobs_equals_released_get_batch_logps(backend, pattern, average):
+    device = backend_device(backend)
+    hidden = torch.randn(4, 13, 24, dtype=torch.float64).float()
+    weight = torch.randn(131, 24) * 0.4
+    bias = torch.randn(131)
+    labels = random_labels(4, 13, 131, pattern)
+    expected = released_get_batch_logps(
+        (hidden.double() @ weight.double().t() + bias.double()), labels, average)
+    actual = sequence_logprobs(hidden.to(device), weight.to(device), labels.to(device),
+                               bias=bias.to(device), average=average, backend=backend)
+    assert actual.shape == (4,)
+    assert torch.allclose(actual.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_logprobs_without_shift():
+    hidden, weight = torch.randn(2, 6, 8), torch.randn(11, 8)
+    labels = random_labels(2, 6, 11, "random")
+    expected = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(
+        2, labels.clamp(min=0)[..., None])[..., 0]
+    expected = (expected * (labels != IGNORE)).sum(-1)
+    assert torch.allclose(sequence_logprobs(hidden, weight, labels, shift=False).double(), expected,
+                          atol=1e-5)
+
+
+def test_sequence_logprobs_average_of_empty_row_raises():
+    labels = torch.full((2, 5), IGNORE)
+    labels[0, 3] = 1
+    with pytest.raises(ValueError, match="row 1 has no scored token"):
+        sequence_logprobs(torch.randn(2, 5, 4), torch.randn(7, 4), labels, average=True)
+
+
+def test_sequence_logprobs_gradient_flows_to_hidden():
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    weight = torch.randn(19, 8)
+    labels = random_labels(3, 7, 19, "right-padding")
+    sequence_logprobs(hidden, weight, labels).sum().backward()
+    reference = hidden.detach().double().requires_grad_()
+    released_get_batch_logps(reference @ weight.double().t(), labels).sum().backward()
+    assert torch.allclose(hidden.grad.double(), reference.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["tied", "untied-with-bias"])
+@pytest.mark.parametrize("pattern", ["none", "memory-prefix", "right-padding"])
+def test_linear_cross_entropy_equals_hf_loss(head, pattern):
+    model = tiny_llama(tied=head == "tied", head_bias=head != "tied")
+    input_ids = torch.randint(0, 97, (3, 17))
+    labels = random_labels(3, 17, 97, pattern)
+    expected = model(input_ids=input_ids, labels=labels).loss
+    hidden = model.model(input_ids=input_ids).last_hidden_state
+    head_module = model.get_output_embeddings()
+    actual = linear_cross_entropy(hidden, head_module.weight, labels, bias=head_module.bias)
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    module_loss = CompressionLoss()(hidden, head_module.weight, labels, bias=head_module.bias)
+    assert torch.equal(module_loss, actual)
+
+
+def test_linear_cross_entropy_reductions():
+    hidden, weight = torch.randn(2, 9, 8), torch.randn(23, 8)
+    labels = random_labels(2, 9, 23, "random")
+    logits = (hidden.double() @ weight.double().t())[:, :-1]
+    per_token = F.cross_entropy(logits.reshape(-1, 23), labels[:, 1:].reshape(-1),
+                                ignore_index=IGNORE, reduction="none").reshape(2, 8)
+    none = linear_cross_entropy(hidden, weight, labels, reduction="none")
+    assert none.shape == (2, 8)
+    assert torch.allclose(none.double(), per_token, atol=1e-5)
+    assert torch.allclose(linear_cross_entropy(hidden, weight, labels, reduction="sum").double(),
+                          per_token.sum(), atol=1e-4)
+    all_ignored = torch.full_like(labels, IGNORE)
+    assert linear_cross_entropy(hidden, weight, all_ignored).item() == 0.0
+
+
+def test_linear_cross_entropy_bad_input():
+    hidden, weight = torch.randn(2, 9, 8), torch.randn(23, 8)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, torch.zeros(2, 9, dtype=torch.long), reduction="avg")
+    with pytest.raises(ValueError, match=r"labels \[B, T\]"):
+        linear_cross_entropy(hidden, weight, torch.zeros(2, 8, dtype=torch.long))
+
+
+def transcribed_alignment_loss(s_qp, s_pp, s_qn, ref_pos, ref_neg, beta, tau, sign):
+    """The released formula, element by element in float64 with Python's math."""
+    losses = []
+    for b in range(len(s_qp)):
+        s1 = 1 / (1 + math.exp(-beta * abs(s_qp[b] - s_pp[b])))
+        for j in range(len(s_qn[b])):
+            margin = (s_qp[b] - s_qn[b][j]) + sign * (ref_pos[b] - ref_neg[b][j])
+            s2 = 1 / (1 + math.exp(-beta * margin))
+            losses.append(-math.log(math.exp(-s1 / tau) / (math.exp(-s1 / tau) + math.exp(-s2 / tau))))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("n_negatives", [1, 3])
+@pytest.mark.parametrize("sign", [1, -1], ids=["released", "dpo"])
+@pytest.mark.parametrize("beta,tau", [(0.1, 0.1), (1.0, 0.05)])
+def test_alignment_loss_equals_released_formula(n_negatives, sign, beta, tau):
+    batch = 5
+    # Sequence log-probs of tens of nats, as real ones are.
+    s_qp, s_pp, ref_pos = (-30 * torch.rand(batch, dtype=torch.float64) for _ in range(3))
+    s_qn, ref_neg = (-30 * torch.rand(batch, n_negatives, dtype=torch.float64) for _ in range(2))
+    expected = transcribed_alignment_loss(s_qp.tolist(), s_pp.tolist(), s_qn.tolist(),
+                                          ref_pos.tolist(), ref_neg.tolist(), beta, tau, sign)
+    actual = AlignmentLoss(beta, tau, sign)(s_qp, s_pp, s_qn, ref_pos, ref_neg)
+    assert actual.dim() == 0
+    assert math.isclose(actual.item(), expected, rel_tol=1e-12)
+
+
+def test_alignment_loss_finite_gradients_for_extreme_inputs():
+    scores = [torch.tensor(v, dtype=torch.float32, requires_grad=True) for v in (
+        [1e4, -1e4, 3.0], [-1e4, 1e4, 3.0], [[1e4, -1e4], [-1e4, 1e4], [0.0, 5.0]],
+        [1e4, 0.0, -1e4], [[-1e4, 1e4], [1e4, -1e4], [2.0, 2.0]])]
+    loss = alignment_loss(*scores)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for score in scores:
+        assert torch.isfinite(score.grad).all()
+
+
+def test_alignment_loss_bad_input():
+    good = dict(s_qp=torch.zeros(4), s_pp=torch.zeros(4), s_qn=torch.zeros(4, 2),
+                ref_pos=torch.zeros(4), ref_neg=torch.zeros(4, 2))
+    for name, value, message in [
+        ("s_qp", torch.zeros(4, 1), "s_qp"), ("s_pp", torch.zeros(3), "s_pp"),
+        ("s_qn", torch.zeros(4), "s_qn"), ("ref_pos", torch.zeros(5), "ref_pos"),
+        ("ref_neg", torch.zeros(4, 3), "ref_neg"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            alignment_loss(**{**good, name: value})
+    with pytest.raises(ValueError, match="reference_sign"):
+        AlignmentLoss(reference_sign=0)
+    with pytest.raises(ValueError, match="positive"):
+        alignment_loss(**good, temperature=0.0)
