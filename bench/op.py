@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from bench.memory import PeakRss
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -97,13 +99,6 @@ def run_once(impl, problem: Problem, mode: str):
     return logp.detach(), hidden.grad
 
 
-def proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def oracle_error(problem: Problem, logp, grad_hidden) -> float:
     sys.path.insert(0, str(ROOT / "tests"))
     from oracle import oracle_grads, token_logprobs_oracle
@@ -123,17 +118,16 @@ def worker(impl_name: str, mode: str, n_tokens: int, dim: int, vocab: int, dtype
     """Runs in its own process: times one implementation and reports its peak memory and error."""
     problem = make_problem(n_tokens, dim, vocab, DTYPES[dtype])
     impl = IMPLEMENTATIONS[impl_name]
-    Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark to the current RSS
-    baseline_kib = proc_status_kib("VmRSS")
-    result = run_once(impl, problem, mode)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run_once(impl, problem, mode)
-        times.append(time.perf_counter() - start)
-    peak_extra = (proc_status_kib("VmHWM") - baseline_kib) * 1024
+    with PeakRss() as peak:
+        result = run_once(impl, problem, mode)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = run_once(impl, problem, mode)
+            times.append(time.perf_counter() - start)
     error = None if impl is None else oracle_error(problem, *result)
-    return {"seconds": statistics.median(times), "peak_extra_bytes": peak_extra, "max_abs_error": error}
+    return {"seconds": statistics.median(times), "peak_extra_bytes": peak.extra_bytes,
+            "max_abs_error": error}
 
 
 @dataclass
