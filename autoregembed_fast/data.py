@@ -1,0 +1,174 @@
+"""Data of AutoRegEmbed: JSONL readers that validate every row up front, the tokenisation of the
+released recipe, and right-padded batches."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# The released stage-2 run used this fixed instruction for every row (training and reference scores).
+FIXED_INSTRUCTION = "This sentence means in one word: “"
+# Evaluation prompt for a sentence.
+EVAL_PROMPT = "{text}\nThis sentence means in one word: “"
+
+COMPRESSION_FIELDS = {"context": str, "instruction": str, "output": str}
+ALIGNMENT_FIELDS = {"query": str, "pos": str, "neg": (str, list), "instruction": str}
+TRIPLET_FIELDS = {"query": str, "pos": str, "neg": (str, list)}
+PAIR_FIELDS = {"text1": str, "text2": str, "score": (int, float)}
+
+
+class DataError(ValueError):
+    """A data file holds a row that cannot be used; the message names the file and line."""
+
+
+def _type_names(expected) -> str:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def _check_row(row, fields, where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for name, expected in fields.items():
+        if name not in row:
+            raise DataError(f"{where}: missing field {name!r}")
+        value = row[name]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise DataError(f"{where}: field {name!r} must be {_type_names(expected)}, "
+                            f"got {type(value).__name__}")
+        texts = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+        if isinstance(value, list) and not value:
+            raise DataError(f"{where}: field {name!r} is an empty list")
+        for text in texts:
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field {name!r} must hold strings, got {type(text).__name__}")
+            if not text.strip():
+                raise DataError(f"{where}: field {name!r} is empty")
+
+
+def read_jsonl(path, fields: dict) -> list[dict]:
+    """All rows of a JSONL file, each checked for the given {field: type} (strings non-empty, lists
+    non-empty lists of non-empty strings). Raises DataError naming the file and line of the first bad
+    row, before anything is trained on."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+            _check_row(row, fields, where)
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def negatives_of(row) -> list[str]:
+    return [row["neg"]] if isinstance(row["neg"], str) else list(row["neg"])
+
+
+def read_alignment_rows(path) -> list[dict]:
+    """Stage-2 rows; every row must carry the same number of negatives (the loss is [B, n])."""
+    rows = read_jsonl(path, ALIGNMENT_FIELDS)
+    counts = {len(negatives_of(row)) for row in rows}
+    if len(counts) > 1:
+        raise DataError(f"{path}: rows carry different numbers of negatives {sorted(counts)}")
+    return rows
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """How texts become token ids (the released recipe: texts up to 4096 tokens, instructions up to
+    512). `instruction=None` uses each row's own instruction field; the default is the released
+    stage-2 run's fixed instruction."""
+
+    max_text_tokens: int = 4096
+    max_instruction_tokens: int = 512
+    instruction: str | None = FIXED_INSTRUCTION
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tokens(tokenizer, text: str, limit: int) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+
+
+def encoder_ids(tokenizer, text: str, instruction: str, settings: Tokenization) -> list[int]:
+    """`[bos] + text + "\\n" + instruction + "\\n"` (the compress tokens are appended by the model)."""
+    newline = _tokens(tokenizer, "\n", 8)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return (bos + _tokens(tokenizer, text, settings.max_text_tokens) + newline
+            + _tokens(tokenizer, instruction, settings.max_instruction_tokens) + newline)
+
+
+def target_ids(tokenizer, text: str, settings: Tokenization) -> list[int]:
+    """`text + [eos]`: what the decoder must regenerate from the memory."""
+    return _tokens(tokenizer, text, settings.max_text_tokens) + [tokenizer.eos_token_id]
+
+
+def instruction_for(row, settings: Tokenization) -> str:
+    return row["instruction"] if settings.instruction is None else settings.instruction
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and their mask [B, T]."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
+def compression_batch(tokenizer, rows, settings: Tokenization) -> dict:
+    """Stage 1: encoder inputs from context + instruction, decoder targets from output."""
+    pad_id = pad_id_of(tokenizer)
+    inputs = [encoder_ids(tokenizer, r["context"], instruction_for(r, settings), settings) for r in rows]
+    targets = [target_ids(tokenizer, r["output"], settings) for r in rows]
+    input_ids, input_mask = pad(inputs, pad_id)
+    target, target_mask = pad(targets, pad_id)
+    return {"input_ids": input_ids, "attention_mask": input_mask, "target_ids": target,
+            "target_mask": target_mask}
+
+
+def alignment_batch(tokenizer, rows, settings: Tokenization) -> dict:
+    """Stage 2: encoder inputs for the queries then the positives (one encoder pass over both), and
+    the targets pos | M_query, pos | M_pos, neg_j | M_query with the memory row each one reads."""
+    pad_id = pad_id_of(tokenizer)
+    batch = len(rows)
+    queries = [encoder_ids(tokenizer, r["query"], instruction_for(r, settings), settings) for r in rows]
+    positives = [encoder_ids(tokenizer, r["pos"], instruction_for(r, settings), settings) for r in rows]
+    n_negatives = len(negatives_of(rows[0]))
+    targets, memory_index = [], []
+    for i, row in enumerate(rows):
+        targets += [target_ids(tokenizer, row["pos"], settings)] * 2
+        memory_index += [i, batch + i]  # pos | M_query, pos | M_pos
+        targets += [target_ids(tokenizer, neg, settings) for neg in negatives_of(row)]
+        memory_index += [i] * n_negatives  # neg_j | M_query: the query's memory, shared
+    input_ids, input_mask = pad(queries + positives, pad_id)
+    target, target_mask = pad(targets, pad_id)
+    return {"input_ids": input_ids, "attention_mask": input_mask, "target_ids": target,
+            "target_mask": target_mask, "memory_index": torch.tensor(memory_index),
+            "n_negatives": n_negatives}
+
+
+def split_alignment_scores(scores: torch.Tensor, batch: int, n_negatives: int):
+    """Scores of `alignment_batch` targets [B * (2 + n)] -> s_qp [B], s_pp [B], s_qn [B, n]."""
+    per_example = scores.view(batch, 2 + n_negatives)
+    return per_example[:, 0], per_example[:, 1], per_example[:, 2:]

@@ -1,0 +1,130 @@
+"""The training loop end to end on a tiny model: the three commands, resume, reference-cache checks,
+the contrastive baseline, and data-parallel runs against a single process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoregembed_fast import train
+from autoregembed_fast.model import AutoRegEmbed
+from tiny_models import save_tiny_base, stage1_rows, stage2_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    base = save_tiny_base(root / "base")
+    stage1 = write_jsonl(root / "stage1.jsonl", stage1_rows(16))
+    stage2 = write_jsonl(root / "stage2.jsonl", stage2_rows(12))
+    train.main(["compress", "--model", str(base), "--data", str(stage1), "--output",
+                str(root / "stage1"), "--batch-size", "4", "--steps", "3", "--lr", "1e-3"])
+    return {"root": root, "base": base, "stage1": stage1, "stage2": stage2,
+            "encoder": root / "stage1" / "model"}
+
+
+def losses(directory):
+    return [json.loads(line)["loss"] for line in (Path(directory) / "log.jsonl").read_text().splitlines()]
+
+
+def test_compress_writes_model_log_and_curve(workspace):
+    out = workspace["root"] / "stage1"
+    assert len(losses(out)) == 3 and all(loss > 0 for loss in losses(out))
+    assert (out / "loss.png").stat().st_size > 1000
+    model = AutoRegEmbed.from_pretrained(out / "model")
+    assert model.k == 5
+    embeddings = model.encode(["a man plays", "two dogs run"])
+    assert embeddings.shape == (2, 32)
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def compress_args(workspace, output, *extra):
+    return ["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+            "--output", str(output), "--batch-size", "2", "--grad-accum", "2", "--steps", "6",
+            "--lr", "1e-3", "--save-every", "2", *extra]
+
+
+def test_resume_continues_with_identical_losses(workspace, tmp_path):
+    train.main(compress_args(workspace, tmp_path / "straight"))
+    # A run killed after step 3 (its last checkpoint is step 2), then resumed.
+    train.main(compress_args(workspace, tmp_path / "killed", "--stop-after", "3"))
+    assert not (tmp_path / "killed" / "model").exists()
+    assert len(losses(tmp_path / "killed")) == 3
+    train.main(compress_args(workspace, tmp_path / "killed", "--resume"))
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+def test_reference_then_align(workspace, tmp_path):
+    scores = tmp_path / "reference.pt"
+    train.main(["reference", "--encoder", str(workspace["encoder"]), "--decoder",
+                str(workspace["base"]), "--data", str(workspace["stage2"]), "--output", str(scores),
+                "--batch-size", "5"])
+    cache = torch.load(scores)
+    assert cache["positive"].shape == (12,) and cache["negative"].shape == (12, 1)
+    assert (cache["positive"] < 0).all()
+    train.main(["align", "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
+                "--data", str(workspace["stage2"]), "--reference-scores", str(scores), "--output",
+                str(tmp_path / "stage2"), "--batch-size", "4", "--steps", "2", "--lr", "1e-4"])
+    assert len(losses(tmp_path / "stage2")) == 2
+    assert (tmp_path / "stage2" / "model" / "autoregembed.json").is_file()
+
+
+def test_align_refuses_a_cache_from_other_data(workspace, tmp_path):
+    scores = tmp_path / "reference.pt"
+    other = write_jsonl(tmp_path / "other.jsonl", stage2_rows(12, seed=7))
+    train.main(["reference", "--encoder", str(workspace["encoder"]), "--decoder",
+                str(workspace["base"]), "--data", str(other), "--output", str(scores)])
+    with pytest.raises(SystemExit, match="do not match this data"):
+        train.main(["align", "--encoder", str(workspace["encoder"]), "--decoder",
+                    str(workspace["base"]), "--data", str(workspace["stage2"]), "--reference-scores",
+                    str(scores), "--output", str(tmp_path / "stage2"), "--steps", "1"])
+
+
+def test_contrastive_baseline_trains(workspace, tmp_path):
+    train.main(["align", "--objective", "contrastive", "--encoder", str(workspace["base"]), "--data",
+                str(workspace["stage2"]), "--output", str(tmp_path / "contrastive"), "--batch-size",
+                "4", "--steps", "3", "--lr", "1e-3"])
+    assert len(losses(tmp_path / "contrastive")) == 3
+
+
+def test_bad_data_fails_before_training(workspace, tmp_path):
+    rows = stage1_rows(6)
+    rows[4]["output"] = ""
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=r"bad.jsonl:5: field 'output' is empty"):
+        train.main(["compress", "--model", str(workspace["base"]), "--data", str(bad), "--output",
+                    str(tmp_path / "out"), "--steps", "1"])
+    assert not (tmp_path / "out").exists()
+
+
+def run_torchrun(args, processes):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(29500 + processes + os.getpid() % 1000),
+               "-m", "autoregembed_fast.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["compress", "align"])
+def test_two_processes_match_one(workspace, tmp_path, stage):
+    """2 ranks x batch 2 (gloo, DDP) give the loss trajectory of 1 process x batch 4."""
+    if stage == "compress":
+        common = ["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"])]
+    else:
+        common = ["align", "--encoder", str(workspace["encoder"]), "--decoder",
+                  str(workspace["base"]), "--data", str(workspace["stage2"])]
+    common += ["--steps", "3", "--lr", "1e-3"]
+    run_torchrun(common + ["--output", str(tmp_path / "one"), "--batch-size", "4"], 1)
+    run_torchrun(common + ["--output", str(tmp_path / "two"), "--batch-size", "2"], 2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
