@@ -91,6 +91,17 @@ _logits_backward_tuned = triton.autotune(
 )(_logits_backward_kernel)
 
 
+def _launch(args, flags, n_tokens, vocab_size):
+    if INTERPRETING:
+        grid = (triton.cdiv(n_tokens, INTERPRETER_CONFIG["BLOCK_N"]),
+                triton.cdiv(vocab_size, INTERPRETER_CONFIG["BLOCK_V"]))
+        _logits_backward_kernel[grid](*args, **INTERPRETER_CONFIG, **flags)
+    else:
+        grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]),  # noqa: E731
+                             triton.cdiv(vocab_size, meta["BLOCK_V"]))
+        _logits_backward_tuned[grid](*args, **flags)
+
+
 def logits_backward(hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden,
                     need_weight, need_bias):
     """(grad_hidden [N, d], grad_weight [V, d], grad_bias [V]), fp32, each None unless requested.
@@ -117,13 +128,7 @@ def logits_backward(hidden, weight, bias, targets, lse, grad_logp, softcap, need
         "HAS_GRAD": grad_logp is not None, "NEED_HIDDEN": need_hidden,
         "NEED_WEIGHT": need_weight, "NEED_BIAS": need_bias, "UPCAST": INTERPRETING,
     }
-    if INTERPRETING:
-        grid = (triton.cdiv(n_tokens, INTERPRETER_CONFIG["BLOCK_N"]),
-                triton.cdiv(vocab_size, INTERPRETER_CONFIG["BLOCK_V"]))
-        _logits_backward_kernel[grid](*args, **INTERPRETER_CONFIG, **flags)
-    else:
-        grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]),  # noqa: E731
-                             triton.cdiv(vocab_size, meta["BLOCK_V"]))
-        _logits_backward_tuned[grid](*args, **flags)
+    if n_tokens > 0:  # otherwise there is no grid to launch and the gradients are zero
+        _launch(args, flags, n_tokens, vocab_size)
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
             grad_bias if need_bias else None)

@@ -82,6 +82,9 @@ def lse_forward(hidden, weight, bias, targets, softcap, num_splits=None):
     """
     n_tokens, dim = hidden.shape
     vocab_size = weight.shape[0]
+    if n_tokens == 0:  # no grid to launch
+        empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        return empty, empty.clone()
     if num_splits is None:
         num_splits = default_num_splits(n_tokens, vocab_size, hidden.device)
     partial = torch.empty((3, num_splits, n_tokens), dtype=torch.float32, device=hidden.device)
