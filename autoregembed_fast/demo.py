@@ -22,7 +22,13 @@ import torch
 
 from autoregembed_fast import evaluate, train
 from autoregembed_fast.data import ALIGNMENT_FIELDS, FIXED_INSTRUCTION, Tokenization, compression_batch, read_jsonl
-from autoregembed_fast.model import AutoRegEmbed, decoder_scoring_inputs, frozen_decoder, load_causal_lm
+from autoregembed_fast.model import (
+    AutoRegEmbed,
+    decoder_scoring_inputs,
+    frozen_decoder,
+    load_causal_lm,
+    load_encoder,
+)
 from autoregembed_fast.ops import token_logprobs
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "medi_nli_train.jsonl"
@@ -56,7 +62,7 @@ def reconstruction_nll(model: AutoRegEmbed, decoder, rows, batch_size=16) -> flo
 
 def nll_of(encoder_spec: str, decoder, rows) -> float:
     torch.manual_seed(0)
-    model = train.load_encoder(encoder_spec, 5).eval()
+    model = load_encoder(encoder_spec, 5).eval()
     return reconstruction_nll(model, decoder, rows)
 
 

@@ -86,13 +86,12 @@ def last_token_embedder(model, tokenizer, prompt: str = EVAL_PROMPT, batch_size:
 
 
 def build_embedder(encoder: str, pooling: str, k: int, batch_size: int):
-    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
-    from autoregembed_fast.train import load_encoder
+    from autoregembed_fast.model import CONFIG_FILE, AutoRegEmbed, load_causal_lm, load_encoder
 
     if pooling == "memory":
         model = load_encoder(encoder, k).eval()
         return lambda texts: model.encode(texts, batch_size=batch_size)
-    if Path(encoder, "autoregembed.json").is_file():
+    if Path(encoder, CONFIG_FILE).is_file():
         saved = AutoRegEmbed.from_pretrained(encoder)
         base, tokenizer = saved.encoder, saved.tokenizer
     else:

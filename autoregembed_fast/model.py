@@ -249,3 +249,12 @@ class AutoRegEmbed(nn.Module):
         config = json.loads((directory / CONFIG_FILE).read_text())
         encoder = AutoModelForCausalLM.from_pretrained(directory)
         return cls(encoder, AutoTokenizer.from_pretrained(directory), config["k"], config["prompt"])
+
+
+def load_encoder(spec: str, k: int = 5) -> AutoRegEmbed:
+    """A saved AutoRegEmbed directory, or a base model (directory or "smollm2") to which k compress
+    tokens are added."""
+    if Path(spec, CONFIG_FILE).is_file():
+        return AutoRegEmbed.from_pretrained(spec)
+    encoder, tokenizer = load_causal_lm(spec)
+    return AutoRegEmbed.from_base(encoder, tokenizer, k)

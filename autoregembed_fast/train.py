@@ -54,6 +54,7 @@ from autoregembed_fast.model import (
     decoder_scoring_inputs,
     frozen_decoder,
     load_causal_lm,
+    load_encoder,
     score_targets,
 )
 
@@ -428,14 +429,6 @@ def plot_losses(log_path: Path, png_path: Path, title: str) -> None:
 def tokenization_of(args) -> Tokenization:
     instruction = None if args.instruction == "row" else args.instruction
     return Tokenization(args.max_text_tokens, args.max_instruction_tokens, instruction)
-
-
-def load_encoder(spec: str, k: int) -> AutoRegEmbed:
-    """A saved AutoRegEmbed directory, or a base model to which the compress tokens are added."""
-    if Path(spec, "autoregembed.json").is_file():
-        return AutoRegEmbed.from_pretrained(spec)
-    encoder, tokenizer = load_causal_lm(spec)
-    return AutoRegEmbed.from_base(encoder, tokenizer, k)
 
 
 def prepare(args):

@@ -96,7 +96,7 @@ def main(argv=None):
                                                  results["score_targets"]["scores"]))
     print(f"scoring {EXAMPLES * TARGETS_PER_EXAMPLE} targets x {TOKENS} tokens, k={MEMORY_SLOTS}, "
           f"tiny Llama d={args.hidden} V={args.vocab}, forward + backward into the memory")
-    print(f"| path | time (s) | peak extra (MB) |\n|---|---|---|")
+    print("| path | time (s) | peak extra (MB) |\n|---|---|---|")
     for path, result in results.items():
         print(f"| {path} | {result['seconds']:.3f} | {result['peak_extra_bytes'] / 2**20:.0f} |")
     print(f"max |score difference| = {difference:.2e}")

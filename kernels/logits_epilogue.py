@@ -17,7 +17,6 @@ row streams over its Vc logits.
   g * (onehot(target) - exp(z - lse)) * softcap'(z) for the raw logits z of the chunk.
 """
 
-import torch
 import triton
 import triton.language as tl
 
