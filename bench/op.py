@@ -2,15 +2,18 @@
 
 Each (implementation, mode) runs in a fresh subprocess, so its peak memory is its own: on CPU the peak
 RSS above the RSS just before the first call (the kernel's high-water mark is reset there through
-/proc/self/clear_refs). The machine's GEMM rate for the same shape is measured in the same run as one
-more "implementation" (the plain GEMMs that the op must at least do), and each row reports the
-fraction of that rate it reaches. Errors are against the float64 oracle of tests/oracle.py on the
-first tokens, so that a fast but wrong entry shows.
+/proc/self/clear_refs), on a GPU `max_memory_allocated` above the allocation before the first call.
+Times are medians after warm-up (`triton.testing.do_bench` on a GPU, perf_counter on CPU). The plain
+GEMMs of the same shape are timed in the same run as "gemm-floor" (1 GEMM for no-grad, 2 for a frozen
+head's forward + backward, 3 with a trainable head), and each row reports the fraction of that rate
+it reaches. Errors are against the float64 oracle of tests/oracle.py on the first tokens, so that a
+fast but wrong entry shows. An implementation that cannot run here is listed as skipped, with why.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -38,6 +41,7 @@ MODES = ("nograd", "frozen", "trainable")
 GEMMS_PER_MODE = {"nograd": 1, "frozen": 2, "trainable": 3}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ORACLE_TOKENS = 128
+CHUNK_TOKENS = 1024
 
 
 @dataclass
@@ -48,13 +52,19 @@ class Problem:
     grad_out: torch.Tensor
 
 
-def make_problem(n_tokens: int, dim: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> Problem:
+def make_problem(n_tokens, dim, vocab, dtype, device, seed=0) -> Problem:
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n_tokens, dim, generator=generator)
     weight = torch.randn(vocab, dim, generator=generator) * (2.0 / dim**0.5)
     targets = torch.randint(0, vocab, (n_tokens,), generator=generator)
     grad_out = torch.randn(n_tokens, generator=generator)
-    return Problem(hidden.to(dtype), weight.to(dtype), targets, grad_out)
+    return Problem(hidden.to(device, dtype), weight.to(device, dtype), targets.to(device),
+                   grad_out.to(device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Implementations: each maps (hidden [N, d], weight [V, d], targets [N]) to log p [N]; `needs` says
+# why one cannot run on a device (None when it can).
 
 
 def plain_gemms(problem: Problem, mode: str):
@@ -64,10 +74,9 @@ def plain_gemms(problem: Problem, mode: str):
         logits @ problem.weight
     if mode == "trainable":
         logits.t() @ problem.hidden
-    return None
 
 
-def token_logprobs_with(backend: str):
+def ours(backend: str):
     def run(hidden, weight, targets):
         from autoregembed_fast import token_logprobs
 
@@ -76,18 +85,107 @@ def token_logprobs_with(backend: str):
     return run
 
 
-IMPLEMENTATIONS = {
-    "gemm-floor": None,  # plain_gemms, handled apart
-    "materialised": token_logprobs_with("reference"),
-    "ours-cpu": token_logprobs_with("cpu"),
+def materialised(hidden, weight, targets):
+    """What the released AutoRegEmbed code and a plain HF model do: all logits, log_softmax, gather."""
+    from autoregembed_fast.ops import reference_token_logprobs
+
+    return reference_token_logprobs(hidden, weight, targets)
+
+
+def _chunk_logprobs(hidden, weight, targets):
+    logits = (hidden @ weight.t()).float()
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_eager(hidden, weight, targets):
+    """TRL-style memory saving in plain torch: tokens in chunks, each chunk's logits recomputed in the
+    backward (activation checkpointing), so one chunk of logits is alive at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat([
+        checkpoint(_chunk_logprobs, hidden[start : start + CHUNK_TOKENS], weight,
+                   targets[start : start + CHUNK_TOKENS], use_reentrant=False)
+        for start in range(0, hidden.shape[0], CHUNK_TOKENS)
+    ])
+
+
+def cut_cross_entropy(hidden, weight, targets):
+    """Apple's Cut Cross-Entropy (its Triton kernels on a GPU, its torch.compile path on CPU)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if hidden.is_cuda else "torch_compile"
+    return -linear_cross_entropy(hidden, weight, targets, reduction="none", impl=impl)
+
+
+def liger_kernel(hidden, weight, targets):
+    """Liger-Kernel's fused linear cross-entropy with per-token losses."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    # Positional: (input, weight, target, bias, ce_weight, ignore_index, lse_square_scale,
+    # label_smoothing, reduction)
+    out = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, -100, 0.0,
+                                                     0.0, "none")
+    return -(out[0] if isinstance(out, tuple) else out)
+
+
+def quack(hidden, weight, targets):
+    """QuACK's linear cross-entropy (CuTe-DSL kernels, Hopper)."""
+    from quack.linear_cross_entropy import linear_cross_entropy_func
+
+    return -linear_cross_entropy_func(hidden, weight, None, targets, reduction="none")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def needs_cuda(device: str) -> str | None:
+    return None if device == "cuda" else "needs a CUDA GPU"
+
+
+def needs_module(module: str, package: str, cuda_only: bool = False):
+    def check(device: str) -> str | None:
+        if cuda_only and device != "cuda":
+            return f"needs a CUDA GPU ({package} has GPU kernels only)"
+        if not _installed(module):
+            return f"{package} is not installed (`make bench` installs the anchors)"
+        return None
+
+    return check
+
+
+def ours_cuda_needs(device: str) -> str | None:
+    if device != "cuda":
+        return "needs a CUDA GPU"
+    from autoregembed_fast.backends import cuda_extension_available
+
+    return None if cuda_extension_available() else "autoregembed_fast._C was built without CUDA"
+
+
+IMPLEMENTATIONS = {  # name: (function, needs)
+    "gemm-floor": (None, lambda device: None),
+    "materialised": (materialised, lambda device: None),
+    "chunked-eager": (chunked_eager, lambda device: None),
+    "cut-cross-entropy": (cut_cross_entropy, needs_module("cut_cross_entropy", "cut-cross-entropy")),
+    "liger-kernel": (liger_kernel, needs_module("liger_kernel", "liger-kernel", cuda_only=True)),
+    "quack": (quack, needs_module("quack", "quack-kernels", cuda_only=True)),
+    "ours-cpu": (ours("cpu"), lambda device: None if device == "cpu" else "CPU backend"),
+    "ours-triton": (ours("triton"), needs_cuda),
+    "ours-triton-fused": (ours("triton-fused"), needs_cuda),
+    "ours-cuda": (ours("cuda"), ours_cuda_needs),
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# One measurement (in its own process)
 
 
 def run_once(impl, problem: Problem, mode: str):
     hidden, weight = problem.hidden, problem.weight
     if impl is None:
         with torch.no_grad():
-            return plain_gemms(problem, mode)
+            plain_gemms(problem, mode)
+        return None
     if mode == "nograd":
         with torch.no_grad():
             return impl(hidden, weight, problem.targets), None
@@ -113,11 +211,7 @@ def oracle_error(problem: Problem, logp, grad_hidden) -> float:
     return error
 
 
-def worker(impl_name: str, mode: str, n_tokens: int, dim: int, vocab: int, dtype: str,
-           repeats: int) -> dict:
-    """Runs in its own process: times one implementation and reports its peak memory and error."""
-    problem = make_problem(n_tokens, dim, vocab, DTYPES[dtype])
-    impl = IMPLEMENTATIONS[impl_name]
+def time_cpu(impl, problem, mode, repeats):
     with PeakRss() as peak:
         result = run_once(impl, problem, mode)  # warm-up
         times = []
@@ -125,40 +219,135 @@ def worker(impl_name: str, mode: str, n_tokens: int, dim: int, vocab: int, dtype
             start = time.perf_counter()
             result = run_once(impl, problem, mode)
             times.append(time.perf_counter() - start)
+    return statistics.median(times), peak.extra_bytes, result
+
+
+def time_cuda(impl, problem, mode, repeats):
+    from triton.testing import do_bench
+
+    result = run_once(impl, problem, mode)  # warm-up (and autotuning) outside the memory window
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    result = run_once(impl, problem, mode)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - baseline
+    milliseconds = do_bench(lambda: run_once(impl, problem, mode), rep=max(100, 20 * repeats),
+                            return_mode="median")
+    return milliseconds / 1000, peak, result
+
+
+def worker(impl_name, mode, n_tokens, dim, vocab, dtype, repeats, device) -> dict:
+    impl, needs = IMPLEMENTATIONS[impl_name]
+    reason = needs(device)
+    if reason:
+        return {"skipped": reason}
+    problem = make_problem(n_tokens, dim, vocab, DTYPES[dtype], device)
+    timer = time_cuda if device == "cuda" else time_cpu
+    seconds, peak_extra, result = timer(impl, problem, mode, repeats)
     error = None if impl is None else oracle_error(problem, *result)
-    return {"seconds": statistics.median(times), "peak_extra_bytes": peak.extra_bytes,
-            "max_abs_error": error}
+    return {"seconds": seconds, "peak_extra_bytes": peak_extra, "max_abs_error": error}
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
 
 
 @dataclass
 class Row:
     impl: str
     mode: str
-    seconds: float
-    tflops: float
-    fraction_of_gemm_rate: float
-    peak_extra_mb: float
-    max_abs_error: float | None
+    seconds: float | None = None
+    tflops: float | None = None
+    fraction_of_gemm_rate: float | None = None
+    peak_extra_mb: float | None = None
+    max_abs_error: float | None = None
+    skipped: str | None = None
 
 
 def run_in_subprocess(impl_name, mode, args, dim, vocab) -> dict:
     command = [
-        sys.executable, "-m", "bench.op", "--worker", impl_name, "--mode", mode,
-        "--n", str(args.n), "--dim", str(dim), "--vocab", str(vocab), "--dtype", args.dtype,
-        "--repeats", str(args.repeats),
+        sys.executable, "-m", "bench.op", "--worker", impl_name, "--mode", mode, "--n", str(args.n),
+        "--dim", str(dim), "--vocab", str(vocab), "--dtype", args.dtype, "--repeats",
+        str(args.repeats), "--device", args.device,
     ]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if completed.returncode != 0:
-        return {"skipped": completed.stderr.strip().splitlines()[-1]}
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["failed without a message"]
+        return {"skipped": f"failed: {lines[-1][:200]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(args, dim, vocab) -> list[Row]:
+    rows = []
+    for mode in args.modes:
+        flops = GEMMS_PER_MODE[mode] * 2 * args.n * dim * vocab
+        floor = run_in_subprocess("gemm-floor", mode, args, dim, vocab)
+        for impl_name in args.impls:
+            measured = floor if impl_name == "gemm-floor" else run_in_subprocess(
+                impl_name, mode, args, dim, vocab)
+            if "skipped" in measured:
+                rows.append(Row(impl_name, mode, skipped=measured["skipped"]))
+                continue
+            rows.append(Row(
+                impl=impl_name, mode=mode, seconds=measured["seconds"],
+                tflops=flops / measured["seconds"] / 1e12,
+                fraction_of_gemm_rate=floor["seconds"] / measured["seconds"],
+                peak_extra_mb=measured["peak_extra_bytes"] / 2**20,
+                max_abs_error=measured["max_abs_error"],
+            ))
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    print("| mode | implementation | time (s) | TFLOP/s | of GEMM rate | peak extra (MB) | max abs err |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.skipped:
+            print(f"| {r.mode} | {r.impl} | skipped: {r.skipped} | | | | |")
+            continue
+        error = "n/a" if r.max_abs_error is None else f"{r.max_abs_error:.1e}"
+        print(f"| {r.mode} | {r.impl} | {r.seconds:.3f} | {r.tflops:.3f} | "
+              f"{r.fraction_of_gemm_rate:.0%} | {r.peak_extra_mb:.0f} | {error} |")
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if not r.skipped]
+    modes = [m for m in MODES if any(r.mode == m for r in measured)]
+    figure, axes = plt.subplots(2, len(modes), figsize=(4.5 * len(modes), 6.5), squeeze=False)
+    for column, mode in enumerate(modes):
+        entries = [r for r in measured if r.mode == mode]
+        names = [r.impl for r in entries]
+        for row, (values, label) in enumerate(((
+                [r.seconds for r in entries], "time (s)"),
+                ([r.peak_extra_mb for r in entries], "peak extra memory (MB)"))):
+            axis = axes[row][column]
+            axis.barh(names, values, color=["tab:orange" if n.startswith("ours") else "tab:blue"
+                                             for n in names])
+            axis.set_xlabel(label)
+            axis.invert_yaxis()
+            if row == 0:
+                axis.set_title(mode)
+    figure.suptitle(title, wrap=True, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def main(argv=None) -> list[Row]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.op", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-135m")
     parser.add_argument("--n", type=int, default=4096, help="scored tokens per call")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: float32 on CPU, bfloat16 on a GPU")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--impls", nargs="+", choices=sorted(IMPLEMENTATIONS),
                         default=list(IMPLEMENTATIONS))
@@ -168,50 +357,31 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--dim", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
 
     if args.worker:
         print(json.dumps(worker(args.worker, args.mode, args.n, args.dim, args.vocab, args.dtype,
-                                args.repeats)))
+                                args.repeats, args.device)))
         return []
 
     dim, vocab = PRESETS[args.preset]
-    print(f"token_logprobs on CPU ({torch.get_num_threads()} threads), preset {args.preset}: "
-          f"N={args.n} d={dim} V={vocab} {args.dtype}, median of {args.repeats} after warm-up")
-    rows = []
-    for mode in args.modes:
-        flops = GEMMS_PER_MODE[mode] * 2 * args.n * dim * vocab
-        floor = run_in_subprocess("gemm-floor", mode, args, dim, vocab)
-        for impl_name in args.impls:
-            measured = floor if impl_name == "gemm-floor" else run_in_subprocess(
-                impl_name, mode, args, dim, vocab)
-            if "skipped" in measured:
-                print(f"  {mode:9s} {impl_name:14s} skipped: {measured['skipped']}")
-                continue
-            rows.append(Row(
-                impl=impl_name, mode=mode, seconds=measured["seconds"],
-                tflops=flops / measured["seconds"] / 1e12,
-                fraction_of_gemm_rate=floor["seconds"] / measured["seconds"],
-                peak_extra_mb=measured["peak_extra_bytes"] / 2**20,
-                max_abs_error=measured["max_abs_error"],
-            ))
+    machine = (torch.cuda.get_device_name() if args.device == "cuda"
+               else f"CPU, {torch.get_num_threads()} threads")
+    title = (f"token_logprobs, {args.preset}: N={args.n} d={dim} V={vocab} {args.dtype} on "
+             f"{machine}; median of {args.repeats} after warm-up")
+    print(title)
+    rows = measure(args, dim, vocab)
     print_table(rows)
     RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"op-cpu-{args.preset}-N{args.n}-{args.dtype}.json"
-    out.write_text(json.dumps({"preset": args.preset, "n": args.n, "dim": dim, "vocab": vocab,
-                               "dtype": args.dtype, "rows": [asdict(r) for r in rows]}, indent=2))
-    print(f"wrote {out.relative_to(ROOT)}")
+    stem = RESULTS_DIR / f"op-{args.device}-{args.preset}-N{args.n}-{args.dtype}"
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"title": title, "preset": args.preset, "n": args.n, "dim": dim, "vocab": vocab,
+         "dtype": args.dtype, "device": args.device, "machine": machine,
+         "rows": [asdict(r) for r in rows]}, indent=2))
+    plot(rows, stem.with_suffix(".png"), title)
+    print(f"wrote {stem.relative_to(ROOT)}.json and .png")
     return rows
-
-
-def print_table(rows: list[Row]) -> None:
-    header = f"| {'mode':9s} | {'implementation':14s} | {'time (s)':>8s} | {'TFLOP/s':>7s} | " \
-             f"{'of GEMM rate':>12s} | {'peak extra (MB)':>15s} | {'max abs err':>11s} |"
-    print(header)
-    print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
-    for r in rows:
-        error = "n/a" if r.max_abs_error is None else f"{r.max_abs_error:.1e}"
-        print(f"| {r.mode:9s} | {r.impl:14s} | {r.seconds:8.3f} | {r.tflops:7.3f} | "
-              f"{r.fraction_of_gemm_rate:12.0%} | {r.peak_extra_mb:15.0f} | {error:>11s} |")
 
 
 if __name__ == "__main__":
