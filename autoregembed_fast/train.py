@@ -319,6 +319,8 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, math.ceil(args.warmup_ratio * total_steps)))
     step = 0
+    if args.resume and not (output / CHECKPOINT).is_file() and cluster.main:
+        print(f"--resume: no {output / CHECKPOINT} yet, starting from step 0")
     if args.resume and (output / CHECKPOINT).is_file():
         state = torch.load(output / CHECKPOINT, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
