@@ -149,12 +149,26 @@ def load_causal_lm(spec: str):
     return AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward instead of keeping them."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def frozen_decoder(model, gradient_checkpointing: bool = False):
     """The decoder of AutoRegEmbed: eval mode, weights never updated (gradients still flow through it
     to the memory embeddings)."""
+    model.eval().requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.eval().requires_grad_(False)
+        # Hugging Face layers checkpoint only in training mode: switch it on with every dropout at 0,
+        # so the decoder still scores deterministically.
+        enable_gradient_checkpointing(model)
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        if hasattr(model.config, "attention_dropout"):
+            model.config.attention_dropout = 0.0
+    return model
 
 
 class AutoRegEmbed(nn.Module):

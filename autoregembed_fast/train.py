@@ -52,6 +52,7 @@ from autoregembed_fast.losses import AlignmentLoss, CompressionLoss
 from autoregembed_fast.model import (
     AutoRegEmbed,
     decoder_scoring_inputs,
+    enable_gradient_checkpointing,
     frozen_decoder,
     load_causal_lm,
     load_encoder,
@@ -448,7 +449,7 @@ def command_compress(args) -> None:
     decoder = frozen_decoder(copy.deepcopy(base), args.gradient_checkpointing).to(cluster.device)
     model = AutoRegEmbed.from_base(base, tokenizer, args.k)
     if args.gradient_checkpointing:
-        model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model.encoder)
     objective = CompressionObjective(decoder, tokenizer, tokenization_of(args), rows)
     run_training(args, cluster, model, objective, len(rows))
 
@@ -459,7 +460,7 @@ def command_align(args) -> None:
     settings = tokenization_of(args)
     model = load_encoder(args.encoder, args.k)
     if args.gradient_checkpointing:
-        model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model.encoder)
     if args.objective == "contrastive":
         objective = ContrastiveObjective(model.tokenizer, settings, rows, args.contrastive_temperature)
     else:

@@ -107,3 +107,21 @@ def test_score_targets_bad_input(case):
     overrides, error, message = cases[case]
     with pytest.raises(error, match=message):
         score_targets(decoder, **{**good, **overrides})
+
+
+def test_checkpointed_decoder_scores_and_gradients_are_unchanged():
+    from autoregembed_fast.model import frozen_decoder
+
+    plain = tiny_llama()
+    checkpointed = frozen_decoder(tiny_llama(), gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    memory, target_ids, target_mask, memory_index = make_batch(plain)
+    results = []
+    for decoder in (plain, checkpointed):
+        leaf = memory.clone().requires_grad_()
+        scores = score_targets(decoder, leaf, target_ids, target_mask, memory_index)
+        scores.sum().backward()
+        results.append((scores, leaf.grad))
+    assert checkpointed.training and checkpointed.model.gradient_checkpointing
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)

@@ -128,3 +128,10 @@ def test_two_processes_match_one(workspace, tmp_path, stage):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+
+
+def test_bf16_autocast_and_gradient_checkpointing(workspace, tmp_path):
+    train.main(compress_args(workspace, tmp_path / "bf16", "--bf16", "--gradient-checkpointing",
+                             "--save-every", "0"))
+    assert len(losses(tmp_path / "bf16")) == 6
+    assert all(0 < loss < 20 for loss in losses(tmp_path / "bf16"))
