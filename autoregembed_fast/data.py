@@ -136,6 +136,15 @@ def pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def prompted_batch(tokenizer, texts: list[str], prompt: str, max_tokens: int | None = None):
+    """`[bos] + prompt.format(text=...)` for each text (at most max_tokens after bos), right-padded:
+    (ids [B, T], mask [B, T])."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    sequences = [bos + tokenizer(prompt.format(text=t), add_special_tokens=False)["input_ids"][:max_tokens]
+                 for t in texts]
+    return pad(sequences, pad_id_of(tokenizer))
+
+
 def compression_batch(tokenizer, rows, settings: Tokenization) -> dict:
     """Stage 1: encoder inputs from context + instruction, decoder targets from output."""
     pad_id = pad_id_of(tokenizer)

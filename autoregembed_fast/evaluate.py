@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from autoregembed_fast.data import EVAL_PROMPT, PAIR_FIELDS, TRIPLET_FIELDS, negatives_of, pad, pad_id_of, read_jsonl
+from autoregembed_fast.data import (
+    EVAL_PROMPT,
+    PAIR_FIELDS,
+    TRIPLET_FIELDS,
+    negatives_of,
+    prompted_batch,
+    read_jsonl,
+)
 
 
 def triplet_accuracy(embed, rows) -> float:
@@ -67,18 +74,15 @@ def pair_spearman(embed, rows) -> float:
 def last_token_embedder(model, tokenizer, prompt: str = EVAL_PROMPT, batch_size: int = 32):
     """Embeds texts by the base model's last hidden state at the prompt's last token."""
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
     @torch.no_grad()
     def embed(texts):
         chunks = []
         for start in range(0, len(texts), batch_size):
-            sequences = [bos + tokenizer(prompt.format(text=t), add_special_tokens=False)["input_ids"]
-                         for t in texts[start : start + batch_size]]
-            ids, mask = pad(sequences, pad_id_of(tokenizer))
+            ids, mask = prompted_batch(tokenizer, texts[start : start + batch_size], prompt)
             hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
             last = mask.sum(dim=1) - 1
-            states = hidden.last_hidden_state[torch.arange(len(sequences)), last.to(device)]
+            states = hidden.last_hidden_state[torch.arange(len(ids)), last.to(device)]
             chunks.append(F.normalize(states.float(), dim=-1))
         return torch.cat(chunks)
 

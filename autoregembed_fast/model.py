@@ -227,13 +227,10 @@ class AutoRegEmbed(nn.Module):
 
     def tokenize_texts(self, texts: list[str], prompt: str | None = None, max_tokens: int = 512):
         """[bos] + prompt.format(text=...) for each text, right-padded: (ids, mask)."""
-        from autoregembed_fast.data import pad, pad_id_of
+        from autoregembed_fast.data import prompted_batch
 
-        template = self.prompt if prompt is None else prompt
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        sequences = [bos + self.tokenizer(template.format(text=t), add_special_tokens=False)[
-            "input_ids"][:max_tokens] for t in texts]
-        return pad(sequences, pad_id_of(self.tokenizer))
+        return prompted_batch(self.tokenizer, texts, self.prompt if prompt is None else prompt,
+                              max_tokens)
 
     @torch.no_grad()
     def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 32) -> torch.Tensor:

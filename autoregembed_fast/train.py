@@ -54,6 +54,7 @@ from autoregembed_fast.model import (
     decoder_scoring_inputs,
     enable_gradient_checkpointing,
     frozen_decoder,
+    lm_head_of,
     load_causal_lm,
     load_encoder,
     score_targets,
@@ -122,7 +123,7 @@ class CompressionObjective:
     def __init__(self, decoder, tokenizer, settings: Tokenization, rows):
         self.decoder, self.tokenizer, self.settings, self.rows = decoder, tokenizer, settings, rows
         self.target_lengths = [len(target_ids(tokenizer, row["output"], settings)) for row in rows]
-        self.loss = CompressionLoss(shift=False, reduction="sum")
+        self.loss = CompressionLoss(shift=False, reduction="sum", softcap=lm_head_of(decoder)[2])
 
     def count(self, rows) -> int:
         return sum(self.target_lengths[i] for i in rows)
@@ -132,9 +133,8 @@ class CompressionObjective:
         batch = {k: v.to(device) for k, v in compression_batch(self.tokenizer, data, self.settings).items()}
         memory = model(batch["input_ids"], batch["attention_mask"])
         index = torch.arange(len(rows), device=device)
-        hidden, labels, weight, bias, softcap = decoder_scoring_inputs(
+        hidden, labels, weight, bias, _ = decoder_scoring_inputs(
             self.decoder, memory, batch["target_ids"], batch["target_mask"], index)
-        self.loss.softcap = softcap
         return self.loss(hidden, weight, labels, bias), int(batch["target_mask"].sum())
 
 
@@ -350,9 +350,12 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
     log_mode = "a" if step > 0 else "w"
     log = (output / LOG).open(log_mode) if cluster.main else None
     started = time.perf_counter()
+    batches_epoch, batches = None, []
     while step < total_steps:
         epoch, position = divmod(step * args.grad_accum, steps_per_epoch * args.grad_accum)
-        batches = epoch_batches(n_rows, args.batch_size, args.seed, epoch, cluster)
+        if epoch != batches_epoch:  # the permutation of an epoch is drawn once, not every step
+            batches_epoch, batches = epoch, epoch_batches(n_rows, args.batch_size, args.seed, epoch,
+                                                          cluster)
         micro_batches = batches[position : position + args.grad_accum]
         global_count = cluster.all_sum(sum(objective.count(rows) for rows in micro_batches))
         step_started = time.perf_counter()
