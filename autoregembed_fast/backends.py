@@ -120,6 +120,9 @@ class ChunkedRoute:
         return torch.empty_like(logits, dtype=weight.dtype) if weight.dtype in LOW_PRECISION else logits
 
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
+        # The GEMMs take hidden and weight as any strided views; the CUDA epilogue reads targets by
+        # row, so a strided targets vector is copied (N int64s).
+        targets = targets.contiguous()
         n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
         stats = dict(dtype=torch.float32, device=hidden.device)
         running_max = torch.full((n_tokens,), float("-inf"), **stats)
@@ -154,6 +157,7 @@ class ChunkedRoute:
 
     def backward(self, hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden,
                  need_weight, need_bias):
+        targets = targets.contiguous()
         stats = dict(dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros(hidden.shape, **stats) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, **stats) if need_weight else None

@@ -9,6 +9,15 @@ autograd. A backend provides two calls on compacted inputs (ignored tokens alrea
 - ``backward(hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden, need_weight,
   need_bias)`` -> ``(grad_hidden, grad_weight, grad_bias)``, each ``None`` unless asked for: the
   recompute backward used when the head is trainable.
+
+Inputs reach the backends as the views the user passed (transposed, sliced, offset storage: any
+strides); each backend reads them through their strides or copies what is cheap to copy:
+- Triton kernels take every stride of hidden, weight, bias and targets: no copy.
+- The chunked route (``triton`` Jacobian, ``cuda``) hands hidden and weight to cuBLAS as views and
+  copies a strided targets vector (N int64s).
+- The CPU backend reads hidden through its strides and makes weight and bias contiguous in the
+  accumulation dtype (a V x d copy when the weight is not already contiguous fp32 / fp64; it is
+  also the upcast of 16-bit weights, so it costs one pass over W per call, next to 1-3 GEMMs).
 """
 
 from __future__ import annotations
@@ -268,7 +277,6 @@ def token_logprobs(
     if compacted:
         flat_hidden = flat_hidden.index_select(0, kept_index)
         flat_targets = flat_targets.index_select(0, kept_index)
-    flat_hidden = flat_hidden.contiguous()
 
     head_trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
     if not torch.is_grad_enabled() or not (hidden.requires_grad or head_trainable):

@@ -20,18 +20,19 @@ row streams over its Vc logits.
 import triton
 import triton.language as tl
 
+from autoregembed_fast.kernels import on_device
 from autoregembed_fast.kernels.tl_utils import INTERPRETING, apply_softcap, softcap_slope
 
 
 @triton.jit
 def _online_softmax_chunk_kernel(
     logits_ptr, weights_ptr, alpha_ptr, targets_ptr, running_max_ptr, running_sumexp_ptr,
-    target_logit_ptr, Vc, col_offset, stride_logits, stride_weights, softcap,
+    target_logit_ptr, Vc, col_offset, stride_logits, stride_weights, stride_t, softcap,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_WEIGHTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits
-    target = tl.load(targets_ptr + row) - col_offset
+    target = tl.load(targets_ptr + row * stride_t) - col_offset
 
     chunk_max = float("-inf")
     for v_start in range(0, Vc, BLOCK_V):
@@ -71,12 +72,12 @@ def _online_softmax_chunk_kernel(
 @triton.jit
 def _grad_coefficients_chunk_kernel(
     logits_ptr, coeff_ptr, targets_ptr, lse_ptr, grad_ptr, Vc, col_offset, stride_logits,
-    stride_coeff, softcap, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    stride_coeff, stride_t, softcap, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits
     coeff_row = coeff_ptr + row * stride_coeff
-    target = tl.load(targets_ptr + row) - col_offset
+    target = tl.load(targets_ptr + row * stride_t) - col_offset
     lse = tl.load(lse_ptr + row)
     grad = tl.load(grad_ptr + row)
     for v_start in range(0, Vc, BLOCK_V):
@@ -99,19 +100,21 @@ def _block_v() -> int:
 def online_softmax_chunk(logits, targets, col_offset, softcap, running_max, running_sumexp,
                          target_logit, weights_out=None, alpha_out=None):
     """One forward step of the chunked route over logits [R, Vc] fp32 (unit column stride) holding
-    vocabulary columns [col_offset, col_offset + Vc). Updates running_max, running_sumexp and
-    target_logit ([R] fp32) in place; with weights_out [R, Vc] (any float dtype; may be `logits`)
-    also writes the unnormalised weights (0 at the target's column) and alpha_out [R]."""
+    vocabulary columns [col_offset, col_offset + Vc); targets [R] int64 (any stride). Updates
+    running_max, running_sumexp and target_logit ([R] fp32, contiguous) in place; with weights_out
+    [R, Vc] (any float dtype, unit column stride; may be `logits`) also writes the unnormalised
+    weights (0 at the target's column) and alpha_out [R]."""
     rows, chunk = logits.shape
     if rows == 0:
         return
     write_weights = weights_out is not None
-    _online_softmax_chunk_kernel[(rows,)](
-        logits, weights_out, alpha_out, targets, running_max, running_sumexp, target_logit,
-        chunk, col_offset, logits.stride(0), weights_out.stride(0) if write_weights else 0,
-        float(softcap or 0.0), BLOCK_V=_block_v(), HAS_SOFTCAP=softcap is not None,
-        WRITE_WEIGHTS=write_weights, num_warps=8,
-    )
+    with on_device(logits):
+        _online_softmax_chunk_kernel[(rows,)](
+            logits, weights_out, alpha_out, targets, running_max, running_sumexp, target_logit,
+            chunk, col_offset, logits.stride(0), weights_out.stride(0) if write_weights else 0,
+            targets.stride(0), float(softcap or 0.0), BLOCK_V=_block_v(),
+            HAS_SOFTCAP=softcap is not None, WRITE_WEIGHTS=write_weights, num_warps=8,
+        )
 
 
 def grad_coefficients_chunk(logits, targets, col_offset, softcap, lse, grad_logp, coeff_out):
@@ -120,8 +123,9 @@ def grad_coefficients_chunk(logits, targets, col_offset, softcap, lse, grad_logp
     rows, chunk = logits.shape
     if rows == 0:
         return
-    _grad_coefficients_chunk_kernel[(rows,)](
-        logits, coeff_out, targets, lse, grad_logp, chunk, col_offset, logits.stride(0),
-        coeff_out.stride(0), float(softcap or 0.0), BLOCK_V=_block_v(),
-        HAS_SOFTCAP=softcap is not None, num_warps=8,
-    )
+    with on_device(logits):
+        _grad_coefficients_chunk_kernel[(rows,)](
+            logits, coeff_out, targets, lse, grad_logp, chunk, col_offset, logits.stride(0),
+            coeff_out.stride(0), targets.stride(0), float(softcap or 0.0), BLOCK_V=_block_v(),
+            HAS_SOFTCAP=softcap is not None, num_warps=8,
+        )
