@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench demo
+.PHONY: install test bench demo gpu
 
 $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,12 @@ $(VENV)/.demo-installed: $(STAMP)
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python -m autoregembed_fast.demo --output demo-output
+
+# One command for a machine with a CUDA GPU and no network: `make gpu PYTHON=python3` builds the
+# package in place (editable) against that Python's torch and triton, runs the whole test suite on CUDA
+# tensors, then the GPU benchmark; JSON, Markdown, PNG and logs go to RESULTS. WHEELS=dir installs the
+# anchors' wheels (cut-cross-entropy, liger-kernel, quack-kernels) offline first. Without a GPU it says
+# so in one line.
+RESULTS ?= bench/results/gpu
+gpu:
+	@$(PYTHON) -m bench.gpu --results $(RESULTS) $(if $(WHEELS),--wheels $(WHEELS))

@@ -4,7 +4,8 @@
 top-level `kernels` package would clash with an unrelated project on PyPI). The extension is built with
 ninja; install with `pip install --no-build-isolation .` once torch is installed, so that it compiles
 against that torch. CPU sources always; the CUDA epilogue (`*_cuda.cu` + its `*_cuda.cpp` glue) only
-when the installed torch has CUDA and nvcc is found.
+when the installed torch has CUDA and nvcc is found, unless `AEF_BUILD_CUDA=0` asks for the CPU
+sources alone (what `make gpu` falls back to when the CUDA build fails).
 """
 
 import os
@@ -32,7 +33,7 @@ def extension():
     cpu_sources = [p for p in CSRC.glob("*.cpp") if not p.stem.endswith("_cuda")]
     common = dict(name="autoregembed_fast._C", include_dirs=[str(CSRC)],
                   extra_link_args=["-fopenmp"])
-    if torch.version.cuda is None or CUDA_HOME is None:
+    if torch.version.cuda is None or CUDA_HOME is None or os.environ.get("AEF_BUILD_CUDA") == "0":
         return CppExtension(sources=relative(cpu_sources), extra_compile_args={"cxx": CXX_FLAGS},
                             **common)
     # Ampere and Hopper unless the user asks for other architectures.
