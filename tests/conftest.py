@@ -2,7 +2,7 @@ import os
 import zlib
 
 # The Triton interpreter must be switched on before any kernel is decorated, i.e. before the package
-# is imported (../shared/SPEC.md §5); the tests run every Triton kernel on CPU tensors this way.
+# is imported; the tests run every Triton kernel on CPU tensors this way.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
