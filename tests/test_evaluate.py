@@ -2,7 +2,14 @@
 
 import torch
 
-from autoregembed_fast.evaluate import average_ranks, main, spearman, triplet_accuracy
+import math
+
+import pytest
+
+from autoregembed_fast.data import DataError, read_sts_b
+from autoregembed_fast.evaluate import (
+    average_ranks, bootstrap_interval, main, spearman, triplet_accuracy,
+)
 from tiny_models import save_tiny_base, stage2_rows, write_jsonl
 
 
@@ -17,6 +24,37 @@ def test_spearman_without_ties_equals_the_rank_difference_formula():
 
 def test_average_ranks_share_ties():
     assert average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert average_ranks(torch.tensor([2.0, 2.0, 2.0, 0.0, 5.0, 0.0])).tolist() == [
+        4.0, 4.0, 4.0, 1.5, 6.0, 1.5]
+
+
+def test_spearman_with_ties_is_pearson_of_average_ranks():
+    x = torch.randint(0, 5, (60,)).double()
+    y = x + torch.randint(0, 3, (60,)).double()
+    rx, ry = average_ranks(x), average_ranks(y)
+    expected = torch.corrcoef(torch.stack([rx, ry]))[0, 1].item()
+    assert abs(spearman(x, y) - expected) < 1e-12
+
+
+def test_bootstrap_interval_of_a_proportion_matches_the_normal_approximation():
+    correct = torch.zeros(400, dtype=torch.float64)
+    correct[:120] = 1.0  # p = 0.3
+    low, high = bootstrap_interval(lambda i: float(correct[i].mean()), 400, samples=2000)
+    half_width = 1.96 * math.sqrt(0.3 * 0.7 / 400)
+    assert low < 0.3 < high
+    assert abs((high - low) / 2 - half_width) < 0.1 * half_width
+    assert bootstrap_interval(lambda i: 0.0, 10, samples=0) is None
+
+
+def test_read_sts_b(tmp_path):
+    path = tmp_path / "sts.csv"
+    path.write_text("main-captions\tMSRvid\t2012test\t0000\t5.000\tA man.\tA person.\n"
+                    "main-forums\tx\t2015\t0001\t1.25\tOne.\tTwo.\textra\tcolumns\n")
+    assert read_sts_b(path) == [{"text1": "A man.", "text2": "A person.", "score": 5.0},
+                                {"text1": "One.", "text2": "Two.", "score": 1.25}]
+    path.write_text("a\tb\tc\td\tnot-a-score\tx\ty\n")
+    with pytest.raises(DataError, match="sts.csv:1"):
+        read_sts_b(path)
 
 
 def test_triplet_accuracy_counts_rows_whose_positive_beats_every_negative():
@@ -36,11 +74,19 @@ def test_triplet_accuracy_counts_rows_whose_positive_beats_every_negative():
 def test_cli_on_a_tiny_model(tmp_path):
     base = save_tiny_base(tmp_path / "base")
     triplets = write_jsonl(tmp_path / "triplets.jsonl", stage2_rows(10))
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"text1": row["query"], "text2": row["pos"], "score": float(i)}
-        for i, row in enumerate(stage2_rows(8))])
+    pair_rows = [{"text1": row["query"], "text2": row["pos"], "score": float(i)}
+                 for i, row in enumerate(stage2_rows(8))]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows)
+    sts = tmp_path / "sts.csv"
+    sts.write_text("".join(f"g\tf\ty\t{i:04d}\t{row['score']}\t{row['text1']}\t{row['text2']}\n"
+                           for i, row in enumerate(pair_rows)))
     for pooling in ("memory", "last-token"):
         results = main(["--encoder", str(base), "--triplets", str(triplets), "--pairs", str(pairs),
-                        "--pooling", pooling])
-        assert 0.0 <= results["triplet_accuracy"] <= 1.0 and results["triplets"] == 10
-        assert -1.0 <= results["spearman"] <= 1.0 and results["pairs"] == 8
+                        "--sts-b", str(sts), "--pooling", pooling, "--bootstrap", "50"])
+        assert results["triplets"] == 10 and results["spearman_pairs"] == 8
+        # The same pairs read from JSONL and from the STS-B CSV give the same correlation.
+        assert results["sts_b_spearman"] == results["spearman"]
+        low, high = results["triplet_accuracy_ci95"]
+        assert 0.0 <= low <= results["triplet_accuracy"] <= high <= 1.0
+        low, high = results["spearman_ci95"]
+        assert -100.0 <= low <= high <= 100.0
