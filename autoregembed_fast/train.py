@@ -52,6 +52,7 @@ from autoregembed_fast.losses import AlignmentLoss, CompressionLoss
 from autoregembed_fast.model import (
     AutoRegEmbed,
     decoder_scoring_inputs,
+    embedding_norm,
     enable_gradient_checkpointing,
     frozen_decoder,
     lm_head_of,
@@ -450,7 +451,9 @@ def command_compress(args) -> None:
     rows = read_jsonl(args.data, COMPRESSION_FIELDS)
     base, tokenizer = load_causal_lm(args.model)
     decoder = frozen_decoder(copy.deepcopy(base), args.gradient_checkpointing).to(cluster.device)
-    model = AutoRegEmbed.from_base(base, tokenizer, args.k)
+    memory_norm = {"none": None, "embedding": embedding_norm(base)}.get(args.memory_norm,
+                                                                        args.memory_norm)
+    model = AutoRegEmbed.from_base(base, tokenizer, args.k, memory_norm=memory_norm)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.encoder)
     objective = CompressionObjective(decoder, tokenizer, tokenization_of(args), rows)
@@ -514,12 +517,28 @@ def add_common(parser, *, training: bool) -> None:
     parser.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
 
 
+def memory_norm_setting(text: str):
+    """--memory-norm: "none", "embedding" or a positive number."""
+    if text in ("none", "embedding"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f'expected "none", "embedding" or a positive number, got {text!r}')
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m autoregembed_fast.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     compress = commands.add_parser("compress", help="stage 1: information compression")
     compress.add_argument("--model", required=True, help='base model directory or "smollm2"')
+    compress.add_argument("--memory-norm", type=memory_norm_setting, default="none",
+                          help='rescale each memory vector to this L2 norm: "none" (the released '
+                               'method), "embedding" (the mean norm of the input embeddings) or a number')
     add_common(compress, training=True)
 
     reference = commands.add_parser("reference", help="reference scores of the stage-1 model")

@@ -125,3 +125,13 @@ def test_checkpointed_decoder_scores_and_gradients_are_unchanged():
     assert checkpointed.training and checkpointed.model.gradient_checkpointing
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0.0, -2.0, float("nan")])
+def test_memory_norm_must_be_positive(tmp_path, bad):
+    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from tiny_models import save_tiny_base
+
+    encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
+    with pytest.raises(ValueError, match="memory_norm"):
+        AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_norm=bad)

@@ -135,3 +135,29 @@ def test_bf16_autocast_and_gradient_checkpointing(workspace, tmp_path):
                              "--save-every", "0"))
     assert len(losses(tmp_path / "bf16")) == 6
     assert all(0 < loss < 20 for loss in losses(tmp_path / "bf16"))
+
+
+def test_compress_with_memory_norm_keeps_it_through_save_and_load(workspace):
+    out = workspace["root"] / "stage1-memory-norm"
+    train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+                "--output", str(out), "--batch-size", "4", "--steps", "2", "--lr", "1e-3",
+                "--memory-norm", "embedding"])
+    model = AutoRegEmbed.from_pretrained(out / "model")
+    from autoregembed_fast.model import load_causal_lm
+
+    base = load_causal_lm(str(workspace["base"]))[0]
+    expected = base.get_input_embeddings().weight.double().norm(dim=1).mean().item()
+    assert abs(model.memory_norm - expected) <= 1e-6 * expected
+    ids, mask = model.tokenize_texts(["a man plays", "two dogs run here"])
+    with torch.no_grad():
+        memory = model(ids, mask)
+    assert torch.allclose(memory.norm(dim=-1), torch.full((2, 5), expected, dtype=torch.float32),
+                          rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "large"])
+def test_compress_rejects_a_bad_memory_norm(workspace, bad, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+                    "--output", str(workspace["root"] / "unused"), "--memory-norm", bad])
+    assert "--memory-norm" in capsys.readouterr().err
