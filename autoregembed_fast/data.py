@@ -89,6 +89,13 @@ def read_sts_b(path) -> list[dict]:
     return rows
 
 
+def length_batches(texts: list[str], batch_size: int) -> list[list[int]]:
+    """Index batches of texts of similar length (longest first): embedding thousands of short
+    sentences in their given order pads every batch to its longest member."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def read_jsonl(path, fields: dict) -> list[dict]:
     """All rows of a JSONL file, each checked for the given {field: type} (strings non-empty, lists
     non-empty lists of non-empty strings). Raises DataError naming the file and line of the first bad

@@ -23,6 +23,7 @@ from autoregembed_fast.data import (
     EVAL_PROMPT,
     PAIR_FIELDS,
     TRIPLET_FIELDS,
+    length_batches,
     negatives_of,
     prompted_batch,
     read_jsonl,
@@ -115,14 +116,14 @@ def last_token_embedder(model, tokenizer, prompt: str = EVAL_PROMPT, batch_size:
 
     @torch.no_grad()
     def embed(texts):
-        chunks = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = prompted_batch(tokenizer, texts[start : start + batch_size], prompt)
+        embeddings = torch.empty(len(texts), model.get_input_embeddings().weight.shape[1])
+        for index in length_batches(texts, batch_size):
+            ids, mask = prompted_batch(tokenizer, [texts[i] for i in index], prompt)
             hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
             last = mask.sum(dim=1) - 1
             states = hidden.last_hidden_state[torch.arange(len(ids)), last.to(device)]
-            chunks.append(F.normalize(states.float(), dim=-1))
-        return torch.cat(chunks)
+            embeddings[index] = F.normalize(states.float(), dim=-1).cpu()
+        return embeddings
 
     return embed
 

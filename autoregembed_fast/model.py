@@ -248,14 +248,16 @@ class AutoRegEmbed(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 32) -> torch.Tensor:
-        """L2-normalised text embeddings [B, d]: the mean of the k memory embeddings."""
+        """L2-normalised text embeddings [B, d] (fp32, on the CPU): the mean of the k memory embeddings."""
+        from autoregembed_fast.data import length_batches
+
         device = self.compress_ids.device
-        chunks = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = self.tokenize_texts(texts[start : start + batch_size], prompt)
+        embeddings = torch.empty(len(texts), self.hidden_size)
+        for index in length_batches(texts, batch_size):
+            ids, mask = self.tokenize_texts([texts[i] for i in index], prompt)
             memory = self.compress(ids.to(device), mask.to(device))
-            chunks.append(F.normalize(memory.float().mean(dim=1), dim=-1))
-        return torch.cat(chunks)
+            embeddings[index] = F.normalize(memory.float().mean(dim=1), dim=-1).cpu()
+        return embeddings
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)

@@ -90,3 +90,17 @@ def test_cli_on_a_tiny_model(tmp_path):
         assert 0.0 <= low <= results["triplet_accuracy"] <= high <= 1.0
         low, high = results["spearman_ci95"]
         assert -100.0 <= low <= high <= 100.0
+
+
+def test_embeddings_do_not_depend_on_batching(tmp_path):
+    """Texts are batched by length; each text's embedding is the one it gets alone."""
+    from autoregembed_fast.evaluate import build_embedder
+
+    base = save_tiny_base(tmp_path / "base")
+    texts = [row["query"] + " x" * i for i, row in enumerate(stage2_rows(7))]
+    for pooling in ("memory", "last-token"):
+        torch.manual_seed(0)
+        embed = build_embedder(str(base), pooling, 3, batch_size=3)
+        together = embed(texts)
+        alone = torch.cat([embed([text]) for text in texts])
+        assert torch.allclose(together, alone, atol=1e-5)
