@@ -147,11 +147,16 @@ def sequence_scores(decoder, memory, batch, average: bool):
 
 class AlignmentObjective:
     """Stage 2: one encoder pass over queries and positives, one decoder scoring pass over
-    pos | M_query, pos | M_pos and every neg | M_query, the alignment loss against cached references."""
+    pos | M_query, pos | M_pos and every neg | M_query, the alignment loss against cached references.
+    With `detach_self_score`, s_pp = log p(pos | M_pos) is a constant target for s_qp: the alignment
+    term then moves the query's memory only, and cannot be met by making the positive's own
+    reconstruction worse."""
 
-    def __init__(self, decoder, tokenizer, settings, loss: AlignmentLoss, references, average):
+    def __init__(self, decoder, tokenizer, settings, loss: AlignmentLoss, references, average,
+                 detach_self_score: bool = False):
         self.decoder, self.tokenizer, self.settings = decoder, tokenizer, settings
         self.loss, self.references, self.average = loss, references, average
+        self.detach_self_score = detach_self_score
 
     def count(self, rows) -> int:
         return len(rows)
@@ -163,6 +168,8 @@ class AlignmentObjective:
         memory = model(batch["input_ids"], batch["attention_mask"])
         scores = sequence_scores(self.decoder, memory, batch, self.average)
         s_qp, s_pp, s_qn = split_alignment_scores(scores.float(), len(rows), n_negatives)
+        if self.detach_self_score:
+            s_pp = s_pp.detach()
         ref_pos, ref_neg = self.references.of(rows, device)
         return self.loss(s_qp, s_pp, s_qn, ref_pos, ref_neg) * len(rows), len(rows)
 
@@ -478,7 +485,8 @@ def command_align(args) -> None:
         decoder = frozen_decoder(load_causal_lm(args.decoder)[0], args.gradient_checkpointing)
         loss = AlignmentLoss(args.beta, args.temperature, args.reference_sign)
         objective = AlignmentObjective(decoder.to(cluster.device), model.tokenizer, settings, loss,
-                                       references, args.average_logprobs)
+                                       references, args.average_logprobs,
+                                       args.detach_self_score)
     run_training(args, cluster, model, objective, len(rows))
 
 
@@ -559,6 +567,8 @@ def parse_args(argv=None):
     align.add_argument("--temperature", type=float, default=0.1)
     align.add_argument("--reference-sign", type=int, choices=(1, -1), default=1,
                        help="+1: the released code's margin; -1: the DPO convention")
+    align.add_argument("--detach-self-score", action="store_true",
+                       help="stop-gradient on s_pp = log p(pos | M_pos) (not in the released code)")
     align.add_argument("--contrastive-temperature", type=float, default=0.05)
     add_common(align, training=True)
     args = parser.parse_args(argv)

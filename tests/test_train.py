@@ -161,3 +161,36 @@ def test_compress_rejects_a_bad_memory_norm(workspace, bad, capsys):
         train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
                     "--output", str(workspace["root"] / "unused"), "--memory-norm", bad])
     assert "--memory-norm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["released", "detached-self-score"])
+def test_detached_self_score_stops_the_gradient_into_the_positives_memory(workspace, detach):
+    """The positive's memory M_pos enters the loss only through s_pp = log p(pos | M_pos): with the
+    stop-gradient it gets no gradient at all, without it it does; the query's memory gets one either
+    way, and the loss value is the same."""
+    from autoregembed_fast.data import Tokenization
+    from autoregembed_fast.losses import AlignmentLoss
+    from autoregembed_fast.model import frozen_decoder, load_causal_lm, load_encoder
+
+    encoder = load_encoder(str(workspace["encoder"])).eval()
+    decoder = frozen_decoder(load_causal_lm(str(workspace["base"]))[0])
+    rows = train.read_alignment_rows(workspace["stage2"])
+    references = train.References.load(rows, "none", None)
+    memories = []
+
+    def model(ids, mask):
+        memory = encoder(ids, mask).detach().requires_grad_()
+        memories.append(memory)
+        return memory
+
+    losses_seen = []
+    for flag in (detach, not detach):
+        objective = train.AlignmentObjective(decoder, encoder.tokenizer, Tokenization(),
+                                             AlignmentLoss(beta=1.0), references, True, flag)
+        loss, count = objective(model, [0, 1, 2, 3], torch.device("cpu"))
+        loss.backward()
+        losses_seen.append(loss.item())
+    memory = memories[0]
+    assert memory.grad[:4].abs().sum() > 0  # queries
+    assert (memory.grad[4:].abs().sum() == 0) == detach  # positives
+    assert losses_seen[0] == pytest.approx(losses_seen[1], rel=1e-6)
