@@ -160,14 +160,21 @@ def main(argv=None) -> dict:
     results = {"settings": vars(args), "models": {}, "wall_s": {}, "reconstruction_nll": {}}
     models = results["models"]
 
-    models["untrained memory mean"] = evaluation("smollm2", "memory", heldout, args.sts_b)
-    models["untrained last-token prompt"] = evaluation("smollm2", "last-token", heldout, args.sts_b)
-    decoder = frozen_decoder(load_causal_lm("smollm2")[0])
-    results["reconstruction_nll"]["untrained"] = nlls_of("smollm2", decoder, heldout_sentences)
+    # De-quantising the GGUF takes ~25 s per load and the pipeline loads the base model ten times:
+    # convert it once into a plain Hugging Face directory (fp32 safetensors) and load that.
+    base_model, tokenizer = load_causal_lm("smollm2")
+    base = str(out / "base-model")
+    base_model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    decoder = frozen_decoder(base_model)
+
+    models["untrained memory mean"] = evaluation(base, "memory", heldout, args.sts_b)
+    models["untrained last-token prompt"] = evaluation(base, "last-token", heldout, args.sts_b)
+    results["reconstruction_nll"]["untrained"] = nlls_of(base, decoder, heldout_sentences)
 
     common = ["--batch-size", str(args.batch_size), "--save-every", "20"]
     results["wall_s"]["stage1"] = timed(train.main, [
-        "compress", "--model", "smollm2", "--data", str(stage1), "--output", str(out / "stage1"),
+        "compress", "--model", base, "--data", str(stage1), "--output", str(out / "stage1"),
         "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr),
         "--warmup-ratio", str(args.stage1_warmup), "--memory-norm", args.stage1_memory_norm,
         *common])
@@ -178,10 +185,10 @@ def main(argv=None) -> dict:
     average = [] if args.sum_logprobs else ["--average-logprobs"]
     scores = out / "reference.pt"
     results["wall_s"]["reference"] = timed(train.main, [
-        "reference", "--encoder", encoder, "--decoder", "smollm2", "--data", str(stage2),
+        "reference", "--encoder", encoder, "--decoder", base, "--data", str(stage2),
         "--output", str(scores), *average])
     results["wall_s"]["stage2"] = timed(train.main, [
-        "align", "--encoder", encoder, "--decoder", "smollm2", "--data", str(stage2),
+        "align", "--encoder", encoder, "--decoder", base, "--data", str(stage2),
         "--reference-scores", str(scores), "--output", str(out / "stage2"), "--steps",
         str(args.stage2_steps), "--lr", str(args.stage2_lr), "--beta", str(args.beta),
         "--temperature", str(args.temperature), "--reference-sign", str(args.reference_sign),
@@ -192,7 +199,7 @@ def main(argv=None) -> dict:
     if not args.skip_contrastive:
         # Equal optimizer steps x batch to AutoRegEmbed's two stages, on the stage-2 triplets.
         results["wall_s"]["contrastive"] = timed(train.main, [
-            "align", "--objective", "contrastive", "--encoder", "smollm2", "--data", str(stage2),
+            "align", "--objective", "contrastive", "--encoder", base, "--data", str(stage2),
             "--output", str(out / "contrastive"), "--steps",
             str(args.stage1_steps + args.stage2_steps), "--lr", str(args.contrastive_lr), *common])
         models["contrastive (InfoNCE)"] = evaluation(str(out / "contrastive" / "model"), "memory",
