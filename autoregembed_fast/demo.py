@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
     scores = out / "reference.pt"
     results["wall_s"]["reference"] = timed(train.main, [
         "reference", "--encoder", encoder, "--decoder", base, "--data", str(stage2),
-        "--output", str(scores), *average])
+        "--output", str(scores), "--batch-size", "32", *average])
     results["wall_s"]["stage2"] = timed(train.main, [
         "align", "--encoder", encoder, "--decoder", base, "--data", str(stage2),
         "--reference-scores", str(scores), "--output", str(out / "stage2"), "--steps",
