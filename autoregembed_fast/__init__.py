@@ -5,8 +5,10 @@ Public API:
 - `token_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
   backend="auto")`: per-token log-likelihood under a linear LM head without materialising the N x V
   logits; differentiable, with a frozen-head fast path (`autoregembed_fast.ops`).
-- `sequence_logprobs`, `linear_cross_entropy`, `CompressionLoss`, `alignment_loss`, `AlignmentLoss`:
-  the method's losses on top of it (`autoregembed_fast.losses`).
+- `TokenLogprobs`: the op as a module.
+- `sequence_logprobs`, `linear_cross_entropy` / `LinearCrossEntropyLoss` (= `CompressionLoss`, the
+  stage-1 loss), `alignment_loss` / `AlignmentLoss`: the method's losses on top of it
+  (`autoregembed_fast.losses`).
 - `score_targets(decoder, memory, target_ids, target_mask, memory_index)`: log p(target | memory) under
   a frozen Hugging Face decoder, one decoder pass for all targets, memory shared by index
   (`autoregembed_fast.model`).
@@ -17,6 +19,8 @@ import torch  # noqa: F401  (the C++ extension needs torch's libraries loaded fi
 from autoregembed_fast.losses import (
     AlignmentLoss,
     CompressionLoss,
+    LinearCrossEntropyLoss,
+    TokenLogprobs,
     alignment_loss,
     linear_cross_entropy,
     sequence_logprobs,
@@ -28,6 +32,8 @@ __all__ = [
     "BACKENDS",
     "AlignmentLoss",
     "CompressionLoss",
+    "LinearCrossEntropyLoss",
+    "TokenLogprobs",
     "alignment_loss",
     "linear_cross_entropy",
     "score_targets",

@@ -13,14 +13,17 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _shifted(hidden: torch.Tensor, labels: torch.Tensor, shift: bool):
-    """Causal-LM alignment: position t scores labels[:, t + 1] when shift is set."""
-    if hidden.dim() != 3 or labels.dim() != 2 or tuple(hidden.shape[:2]) != tuple(labels.shape):
+    """Checks hidden [..., d] against labels [...]; with shift (the causal-LM convention) position t
+    of the last label axis scores labels[..., t + 1]."""
+    if hidden.dim() < 1 or tuple(hidden.shape[:-1]) != tuple(labels.shape):
         raise ValueError(
-            f"expected hidden [B, T, d] and labels [B, T], got {tuple(hidden.shape)} and "
-            f"{tuple(labels.shape)}"
+            f"expected hidden [..., d] and labels [...] with the same leading shape, got "
+            f"{tuple(hidden.shape)} and {tuple(labels.shape)}"
         )
     if shift:
-        return hidden[:, :-1], labels[:, 1:]
+        if labels.dim() < 1:
+            raise ValueError("shift=True needs a sequence axis: labels [..., T]")
+        return hidden[..., :-1, :], labels[..., 1:]
     return hidden, labels
 
 
@@ -71,13 +74,16 @@ def linear_cross_entropy(
     softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Token cross-entropy of ``labels [B, T]`` under the head ``weight [V, d]`` (+ ``bias``) applied to
-    ``hidden [B, T, d]``, without materialising the logits.
+    """Token cross-entropy of ``labels [...]`` under the head ``weight [V, d]`` (+ ``bias``) applied to
+    ``hidden [..., d]`` (any leading shape, e.g. ``[N, d]`` or ``[B, T, d]``), without materialising
+    the logits.
 
-    ``reduction="mean"`` averages over the scored (non-ignored) tokens, which is what a Hugging Face
-    causal LM returns as ``loss`` for the same labels (``shift=True``); a batch with no scored token
-    gives 0 (not torch's NaN), so that an empty micro-batch cannot poison a run. ``"sum"`` sums, and
-    ``"none"`` returns the per-token losses ``[B, T - 1]`` (``[B, T]`` without shift), 0 where ignored.
+    With ``shift`` (the default, the causal-LM convention) the last label axis is the sequence:
+    position ``t`` scores ``labels[..., t + 1]``. ``reduction="mean"`` averages over the scored
+    (non-ignored) tokens, which is what a Hugging Face causal LM returns as ``loss`` for the same
+    labels; a batch with no scored token gives 0 (not torch's NaN), so that an empty micro-batch
+    cannot poison a run. ``"sum"`` sums, and ``"none"`` returns the per-token losses (``[B, T - 1]``
+    for ``[B, T]`` labels with shift), 0 where ignored.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -91,10 +97,10 @@ def linear_cross_entropy(
     return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
 
 
-class CompressionLoss(nn.Module):
-    """Stage-1 loss: token cross-entropy of the target given the memory embeddings, computed from the
-    frozen decoder's hidden states and its LM head (see `linear_cross_entropy` for the options;
-    "mean" over scored tokens by default)."""
+class LinearCrossEntropyLoss(nn.Module):
+    """`linear_cross_entropy` as a module: ``loss(hidden, weight, labels, bias=None)``. AutoRegEmbed's
+    stage-1 loss (token cross-entropy of the target given the memory, from the frozen decoder's hidden
+    states and its head) is this loss, also exported as ``CompressionLoss``."""
 
     def __init__(self, *, shift: bool = True, reduction: str = "mean", ignore_index: int = -100,
                  softcap: float | None = None, backend: str = "auto"):
@@ -111,6 +117,32 @@ class CompressionLoss(nn.Module):
         return linear_cross_entropy(hidden, weight, labels, bias=bias, shift=self.shift,
                                     reduction=self.reduction, ignore_index=self.ignore_index,
                                     softcap=self.softcap, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"shift={self.shift}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"softcap={self.softcap}, backend={self.backend!r}")
+
+
+# The method's name for the same loss (stage 1: information compression).
+CompressionLoss = LinearCrossEntropyLoss
+
+
+class TokenLogprobs(nn.Module):
+    """`token_logprobs` as a module: ``module(hidden, weight, targets, bias=None)`` -> log p per token."""
+
+    def __init__(self, *, ignore_index: int = -100, softcap: float | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.softcap = softcap
+        self.backend = backend
+
+    def forward(self, hidden, weight, targets, bias=None):
+        return token_logprobs(hidden, weight, targets, bias=bias, ignore_index=self.ignore_index,
+                              softcap=self.softcap, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, softcap={self.softcap}, backend={self.backend!r}"
 
 
 def _check_alignment_settings(beta, temperature, reference_sign) -> None:

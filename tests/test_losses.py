@@ -9,9 +9,12 @@ import torch.nn.functional as F
 from autoregembed_fast import (
     AlignmentLoss,
     CompressionLoss,
+    LinearCrossEntropyLoss,
+    TokenLogprobs,
     alignment_loss,
     linear_cross_entropy,
     sequence_logprobs,
+    token_logprobs,
 )
 from test_ops import BACKENDS, backend_device
 from tiny_models import tiny_llama
@@ -122,8 +125,37 @@ def test_linear_cross_entropy_bad_input():
     hidden, weight = torch.randn(2, 9, 8), torch.randn(23, 8)
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(hidden, weight, torch.zeros(2, 9, dtype=torch.long), reduction="avg")
-    with pytest.raises(ValueError, match=r"labels \[B, T\]"):
+    with pytest.raises(ValueError, match="same leading shape"):
         linear_cross_entropy(hidden, weight, torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="sequence axis"):
+        linear_cross_entropy(torch.randn(8), weight, torch.zeros((), dtype=torch.long))
+
+
+@pytest.mark.parametrize("lead_shape", [(13,), (2, 9), (2, 3, 5)], ids=["N", "BxT", "AxBxT"])
+@pytest.mark.parametrize("shift", [False, True], ids=["no-shift", "shift"])
+def test_linear_cross_entropy_any_leading_shape(lead_shape, shift):
+    """hidden [..., d] with labels [...], as Cut Cross-Entropy takes them; shift runs along the last
+    label axis. Checked against torch's cross-entropy on the explicit logits, and the module form."""
+    hidden, weight, bias = torch.randn(*lead_shape, 8), torch.randn(23, 8), torch.randn(23)
+    labels = torch.randint(0, 23, lead_shape)
+    labels.view(-1)[::4] = IGNORE
+    logits = hidden.double() @ weight.double().t() + bias.double()
+    scored = labels
+    if shift:
+        logits, scored = logits[..., :-1, :], labels[..., 1:]
+    expected = F.cross_entropy(logits.reshape(-1, 23), scored.reshape(-1), ignore_index=IGNORE)
+    got = LinearCrossEntropyLoss(shift=shift)(hidden, weight, labels, bias=bias)
+    assert abs(got.item() - expected.item()) <= 1e-5 * max(1.0, expected.item())
+    per_token = linear_cross_entropy(hidden, weight, labels, bias=bias, shift=shift, reduction="none")
+    assert per_token.shape == scored.shape
+
+
+def test_token_logprobs_module_equals_the_function():
+    hidden, weight, targets = torch.randn(3, 7, 8), torch.randn(23, 8), torch.randint(0, 23, (3, 7))
+    module = TokenLogprobs(softcap=4.0, backend="cpu")
+    assert torch.equal(module(hidden, weight, targets),
+                       token_logprobs(hidden, weight, targets, softcap=4.0, backend="cpu"))
+    assert CompressionLoss is LinearCrossEntropyLoss
 
 
 def transcribed_alignment_loss(s_qp, s_pp, s_qn, ref_pos, ref_neg, beta, tau, sign):
