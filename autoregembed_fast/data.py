@@ -66,26 +66,30 @@ def sts_b_path(split_or_path: str) -> Path:
     return Path(package.submodule_search_locations[0]) / "data" / "sts_b" / f"sts-{split_or_path}.csv"
 
 
+def _numbered_lines(path: Path):
+    """("file:line", text) for every line of a data file, for error messages that point at the line."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            yield f"{path}:{number}", line
+
+
 def read_sts_b(path) -> list[dict]:
     """Rows {text1, text2, score} of an STS Benchmark CSV: tab-separated, gold score (0-5) in column 5,
     the sentences in columns 6 and 7 (a few lines carry extra trailing columns, ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.rstrip("\n").split("\t")
-            where = f"{path}:{number}"
-            if len(fields) < 7:
-                raise DataError(f"{where}: expected at least 7 tab-separated columns, got {len(fields)}")
-            try:
-                score = float(fields[4])
-            except ValueError:
-                raise DataError(f"{where}: column 5 must be a score, got {fields[4]!r}") from None
-            row = {"text1": fields[5], "text2": fields[6], "score": score}
-            _check_row(row, PAIR_FIELDS, where)
-            rows.append(row)
+    for where, line in _numbered_lines(Path(path)):
+        fields = line.rstrip("\n").split("\t")
+        if len(fields) < 7:
+            raise DataError(f"{where}: expected at least 7 tab-separated columns, got {len(fields)}")
+        try:
+            score = float(fields[4])
+        except ValueError:
+            raise DataError(f"{where}: column 5 must be a score, got {fields[4]!r}") from None
+        row = {"text1": fields[5], "text2": fields[6], "score": score}
+        _check_row(row, PAIR_FIELDS, where)
+        rows.append(row)
     return rows
 
 
@@ -101,20 +105,16 @@ def read_jsonl(path, fields: dict) -> list[dict]:
     non-empty lists of non-empty strings). Raises DataError naming the file and line of the first bad
     row, before anything is trained on."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            _check_row(row, fields, where)
-            rows.append(row)
+    for where, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        _check_row(row, fields, where)
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
