@@ -47,11 +47,6 @@ def triplet_correct(embed, rows) -> torch.Tensor:
     return torch.tensor(correct)
 
 
-def triplet_accuracy(embed, rows) -> float:
-    """Fraction of rows whose positive is closer (cosine) to the query than every negative."""
-    return float(triplet_correct(embed, rows).double().mean())
-
-
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
     """Ranks 1..n with ties sharing their average rank (as in Spearman's rho); float64."""
     sorted_values, order = torch.sort(values)
@@ -75,11 +70,6 @@ def pair_similarities(embed, rows) -> tuple[torch.Tensor, torch.Tensor]:
     first = embed([row["text1"] for row in rows])
     second = embed([row["text2"] for row in rows])
     return (first * second).sum(dim=1), torch.tensor([float(row["score"]) for row in rows])
-
-
-def pair_spearman(embed, rows) -> float:
-    """Spearman correlation between cos(text1, text2) and the gold scores."""
-    return spearman(*pair_similarities(embed, rows))
 
 
 def bootstrap_interval(statistic, n_items: int, samples: int = 1000, seed: int = 0,

@@ -458,8 +458,7 @@ def command_compress(args) -> None:
     rows = read_jsonl(args.data, COMPRESSION_FIELDS)
     base, tokenizer = load_causal_lm(args.model)
     decoder = frozen_decoder(copy.deepcopy(base), args.gradient_checkpointing).to(cluster.device)
-    memory_norm = {"none": None, "embedding": embedding_norm(base)}.get(args.memory_norm,
-                                                                        args.memory_norm)
+    memory_norm = embedding_norm(base) if args.memory_norm == "embedding" else args.memory_norm
     model = AutoRegEmbed.from_base(base, tokenizer, args.k, memory_norm=memory_norm)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.encoder)
@@ -526,8 +525,11 @@ def add_common(parser, *, training: bool) -> None:
 
 
 def memory_norm_setting(text: str):
-    """--memory-norm: "none", "embedding" or a positive number."""
-    if text in ("none", "embedding"):
+    """--memory-norm: None for "none", "embedding" (resolved against the base model), or a positive
+    number."""
+    if text == "none":
+        return None
+    if text == "embedding":
         return text
     try:
         value = float(text)

@@ -8,7 +8,7 @@ import pytest
 
 from autoregembed_fast.data import DataError, read_sts_b
 from autoregembed_fast.evaluate import (
-    average_ranks, bootstrap_interval, main, spearman, triplet_accuracy,
+    average_ranks, bootstrap_interval, main, spearman, triplet_correct,
 )
 from tiny_models import save_tiny_base, stage2_rows, write_jsonl
 
@@ -57,7 +57,7 @@ def test_read_sts_b(tmp_path):
         read_sts_b(path)
 
 
-def test_triplet_accuracy_counts_rows_whose_positive_beats_every_negative():
+def test_triplet_correct_marks_rows_whose_positive_beats_every_negative():
     vectors = {"q": [1.0, 0.0], "p": [0.9, 0.1], "n": [0.0, 1.0], "far": [-1.0, 0.0],
                "close": [1.0, 0.01]}
 
@@ -68,7 +68,7 @@ def test_triplet_accuracy_counts_rows_whose_positive_beats_every_negative():
             {"query": "q", "pos": "n", "neg": "p"},          # wrong
             {"query": "q", "pos": "p", "neg": ["far", "n"]},  # correct against both
             {"query": "q", "pos": "p", "neg": ["far", "close"]}]  # one negative wins
-    assert triplet_accuracy(embed, rows) == 0.5
+    assert triplet_correct(embed, rows).tolist() == [True, False, True, False]
 
 
 def test_cli_on_a_tiny_model(tmp_path):
