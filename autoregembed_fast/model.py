@@ -11,8 +11,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoregembed_fast.data import EVAL_PROMPT
+from autoregembed_fast.data import EVAL_PROMPT, length_groups
 from autoregembed_fast.ops import token_logprobs
+
+
+# One more transformer pass over a group of rows costs about as much as this many padded tokens (a
+# 24-sentence batch of SmolLM2-135M on 2 CPU cores: 16, 64 and 256 gave the same ~1.8x; NOTES.md).
+PASS_OVERHEAD_TOKENS = 64
+
+
+def inverse_permutation(groups: list[torch.Tensor], device) -> torch.Tensor:
+    """Where each original row sits in torch.cat(groups)."""
+    order = torch.cat(groups)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return inverse.to(device)
 
 
 def lm_head_of(decoder):
@@ -77,13 +90,27 @@ def decoder_scoring_inputs(decoder, memory, target_ids, target_mask, memory_inde
     attention_mask = torch.cat(
         [torch.ones(real.shape[0], n_memory, dtype=torch.long, device=real.device), real.long()], dim=1
     )
-    hidden = decoder.base_model(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
+    # Position k - 1 + t (the last memory slot, then each target token) predicts target token t.
+    # Targets run in groups of similar length, each trimmed to its longest (`length_groups`); the
+    # shorter groups' hidden states are zero-padded back to T (those positions are labelled -100).
+    def scoring_states(rows: slice | torch.Tensor, longest: int) -> torch.Tensor:
+        hidden = decoder.base_model(inputs_embeds=inputs[rows, : n_memory + longest],
+                                    attention_mask=attention_mask[rows, : n_memory + longest]
+                                    ).last_hidden_state
+        return F.pad(hidden[:, n_memory - 1 : n_memory - 1 + longest],
+                     (0, 0, 0, target_ids.shape[1] - longest))
+
+    lengths = real.sum(dim=1)
+    groups = length_groups(lengths, PASS_OVERHEAD_TOKENS)
+    if len(groups) == 1:
+        scoring_hidden = scoring_states(slice(None), target_ids.shape[1])
+    else:
+        parts = [scoring_states(rows.to(real.device), int(lengths[rows.to(real.device)].max()))
+                 for rows in groups]
+        scoring_hidden = torch.cat(parts).index_select(0, inverse_permutation(groups, real.device))
     # Under autocast the hidden states come out in bf16 while the head stays fp32: score in the head's
     # dtype (an [S, T, d] cast, not a [S, T, V] one).
-    hidden = hidden.to(weight.dtype)
-    # Position k - 1 + t (the last memory slot, then each target token) predicts target token t.
-    scoring_hidden = hidden[:, n_memory - 1 : n_memory - 1 + target_ids.shape[1]]
-    return scoring_hidden, torch.where(real, target_ids, -100), weight, bias, softcap
+    return scoring_hidden.to(weight.dtype), torch.where(real, target_ids, -100), weight, bias, softcap
 
 
 def score_targets(
@@ -222,7 +249,20 @@ class AutoRegEmbed(nn.Module):
 
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Memory embeddings [B, k, d] of right-padded texts input_ids [B, T] (mask [B, T]): the
-        compress tokens go right after each row's last real token."""
+        compress tokens go right after each row's last real token. Rows run in groups of similar
+        length (`length_groups`), each trimmed to its longest row: a batch of short and long texts
+        does not pay for the padding of the short ones."""
+        groups = length_groups(attention_mask.sum(dim=1), PASS_OVERHEAD_TOKENS)
+        if len(groups) == 1:
+            return self._compress_rows(input_ids, attention_mask)
+        parts = []
+        for rows in groups:
+            rows = rows.to(input_ids.device)
+            longest = int(attention_mask[rows].sum(dim=1).max())
+            parts.append(self._compress_rows(input_ids[rows, :longest], attention_mask[rows, :longest]))
+        return torch.cat(parts).index_select(0, inverse_permutation(groups, input_ids.device))
+
+    def _compress_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch, length = input_ids.shape
         lengths = attention_mask.sum(dim=1)
         positions = lengths[:, None] + torch.arange(self.k, device=input_ids.device)[None, :]

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from autoregembed_fast import score_targets
+from autoregembed_fast.data import length_groups
+from autoregembed_fast.model import PASS_OVERHEAD_TOKENS
 from tiny_models import tiny_gemma2, tiny_llama
 
 DECODERS = {
@@ -40,10 +42,17 @@ def eager_scores(decoder, memory, target_ids, target_mask, memory_index):
     return torch.stack(scores)
 
 
+# Similar lengths run as one decoder pass; a spread of lengths runs as several trimmed groups.
+LENGTHS = {"one-pass": (5, 9, 3, 7, 9, 1), "length-groups": (2, 57, 3, 1, 55, 2)}
+
+
+@pytest.mark.parametrize("lengths", sorted(LENGTHS))
 @pytest.mark.parametrize("decoder_name", sorted(DECODERS))
-def test_score_targets_matches_eager_logits_and_gradients(decoder_name):
+def test_score_targets_matches_eager_logits_and_gradients(decoder_name, lengths):
     decoder = DECODERS[decoder_name]()
-    memory, target_ids, target_mask, memory_index = make_batch(decoder)
+    memory, target_ids, target_mask, memory_index = make_batch(decoder, lengths=LENGTHS[lengths])
+    n_groups = len(length_groups(target_mask.sum(dim=1), PASS_OVERHEAD_TOKENS))
+    assert n_groups == (1 if lengths == "one-pass" else 2)
     grad_out = torch.randn(target_ids.shape[0])
 
     memory_fused = memory.clone().requires_grad_()
@@ -60,9 +69,10 @@ def test_score_targets_matches_eager_logits_and_gradients(decoder_name):
     assert memory_fused.grad[0].abs().sum() > 0  # the shared row receives its targets' gradients
 
 
-def test_score_targets_runs_the_decoder_once_and_never_its_head(monkeypatch):
+@pytest.mark.parametrize("lengths", sorted(LENGTHS))
+def test_score_targets_runs_the_decoder_once_per_length_group_and_never_its_head(monkeypatch, lengths):
     decoder = tiny_llama()
-    memory, target_ids, target_mask, memory_index = make_batch(decoder)
+    memory, target_ids, target_mask, memory_index = make_batch(decoder, lengths=LENGTHS[lengths])
     calls = {"base": 0, "head": 0}
     base_forward = decoder.model.forward
 
@@ -73,7 +83,7 @@ def test_score_targets_runs_the_decoder_once_and_never_its_head(monkeypatch):
     monkeypatch.setattr(decoder.model, "forward", counting_base)
     decoder.lm_head.register_forward_hook(lambda *args: calls.__setitem__("head", calls["head"] + 1))
     score_targets(decoder, memory, target_ids, target_mask, memory_index)
-    assert calls == {"base": 1, "head": 0}
+    assert calls == {"base": 1 if lengths == "one-pass" else 2, "head": 0}
 
 
 def bad_cases(decoder):
@@ -135,3 +145,35 @@ def test_memory_norm_must_be_positive(tmp_path, bad):
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
     with pytest.raises(ValueError, match="memory_norm"):
         AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_norm=bad)
+
+
+def test_compress_in_length_groups_equals_each_text_alone(tmp_path):
+    """A batch mixing short and long texts runs in trimmed groups; every row's memory and gradient
+    must be what the row gives alone (no padding at all)."""
+    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from tiny_models import save_tiny_base
+
+    encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
+    model = AutoRegEmbed.from_base(encoder, tokenizer, k=3)
+    lengths = [4, 50, 2, 47, 3]
+    vocab = encoder.get_input_embeddings().weight.shape[0] - 3  # not the compress tokens
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(0, vocab, (length,))
+        mask[row, :length] = 1
+    assert len(length_groups(mask.sum(dim=1), PASS_OVERHEAD_TOKENS)) == 2
+    upstream = torch.randn(len(lengths), 3, model.hidden_size)
+
+    (model(ids, mask) * upstream).sum().backward()
+    grouped_memory = model(ids, mask).detach()
+    grouped_grad = encoder.get_input_embeddings().weight.grad.clone()
+    encoder.zero_grad()
+    alone = []
+    for row, length in enumerate(lengths):
+        memory = model(ids[row : row + 1, :length], mask[row : row + 1, :length])
+        (memory * upstream[row]).sum().backward()
+        alone.append(memory.detach())
+    assert torch.allclose(grouped_memory, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    alone_grad = encoder.get_input_embeddings().weight.grad
+    assert (grouped_grad - alone_grad).abs().max() <= 1e-5 * alone_grad.abs().max()
