@@ -324,7 +324,9 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
     total_steps = args.steps or steps_per_epoch * args.epochs
     model.to(cluster.device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    # The fused AdamW (CPU and CUDA) is one kernel over all parameters; the default per-tensor loop
+    # took 0.2-1.2 s of a ~5 s CPU step for SmolLM2-135M, the fused one 0.07-0.09 s (NOTES.md).
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, math.ceil(args.warmup_ratio * total_steps)))
     step = 0
