@@ -12,6 +12,9 @@ Public API:
 - `score_targets(decoder, memory, target_ids, target_mask, memory_index)`: log p(target | memory) under
   a frozen Hugging Face decoder, one decoder pass for all targets, memory shared by index
   (`autoregembed_fast.model`).
+- `patch_model(model)`: a Hugging Face causal LM (Llama, Mistral, Qwen2/3, Gemma-2/3, Phi-3, SmolLM)
+  computes its loss with the fused linear cross-entropy whenever labels are given
+  (`autoregembed_fast.patch`).
 """
 
 import torch  # noqa: F401  (the C++ extension needs torch's libraries loaded first)
@@ -26,6 +29,7 @@ from autoregembed_fast.losses import (
     sequence_logprobs,
 )
 from autoregembed_fast.model import score_targets
+from autoregembed_fast.patch import patch_model
 from autoregembed_fast.ops import BACKENDS, token_logprobs
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "TokenLogprobs",
     "alignment_loss",
     "linear_cross_entropy",
+    "patch_model",
     "score_targets",
     "sequence_logprobs",
     "token_logprobs",

@@ -108,9 +108,9 @@ def decoder_scoring_inputs(decoder, memory, target_ids, target_mask, memory_inde
         parts = [scoring_states(rows.to(real.device), int(lengths[rows.to(real.device)].max()))
                  for rows in groups]
         scoring_hidden = torch.cat(parts).index_select(0, inverse_permutation(groups, real.device))
-    # Under autocast the hidden states come out in bf16 while the head stays fp32: score in the head's
-    # dtype (an [S, T, d] cast, not a [S, T, V] one).
-    return scoring_hidden.to(weight.dtype), torch.where(real, target_ids, -100), weight, bias, softcap
+    # Under autocast the hidden states come out in the autocast dtype while the head stays fp32: the
+    # op computes in the autocast dtype as `lm_head` would (no [S, T, d] upcast here).
+    return scoring_hidden, torch.where(real, target_ids, -100), weight, bias, softcap
 
 
 def score_targets(

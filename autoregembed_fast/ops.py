@@ -35,51 +35,140 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "reference", "cpu", "triton", "triton-fused", "cuda")
 
 
-class _FrozenHeadLogprobs(torch.autograd.Function):
-    """Head frozen, hidden trainable: the forward sweep also yields J = d logp / d hidden, so the
-    backward is one elementwise product per token (no recompute, no second pass over the vocabulary)."""
+# The op is registered with torch.library so that torch.compile traces through it (fullgraph, dynamic
+# N): everything that depends on tensor values (dropping ignored tokens, the target-range and finiteness
+# checks, the backend's launches) happens inside it, where no tracer looks; its fake implementations
+# give the output shapes, which depend on the input shapes only. Ignored tokens get log p = 0 and zero
+# gradients.
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, backend):
-        logp, _, jacobian = backend.forward(hidden, weight, bias, targets, softcap, True)
+
+def _compacted(hidden, targets, ignore_index):
+    """(kept row index or None when every token is scored, hidden and targets of the kept rows)."""
+    keep = targets != ignore_index
+    if bool(keep.all()):
+        return None, hidden, targets
+    kept = keep.nonzero().squeeze(1)
+    return kept, hidden.index_select(0, kept), targets.index_select(0, kept)
+
+
+def _scattered(kept, values, n_rows):
+    """values of the kept rows back in place among n_rows rows, zeros elsewhere."""
+    if kept is None:
+        return values
+    return values.new_zeros((n_rows, *values.shape[1:])).index_put_((kept,), values)
+
+
+def _check_target_range(targets, ignore_index, vocab_size) -> None:
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(out_of_range.any()):
+        bad = targets[out_of_range][0].item()
+        raise ValueError(
+            f"targets holds {bad}, outside [0, V) = [0, {vocab_size}) and not ignore_index ({ignore_index})"
+        )
+
+
+@torch.library.custom_op("autoregembed_fast::token_logprobs", mutates_args=())
+def _token_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    ignore_index: int, softcap: float | None, backend: str, with_jacobian: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p [N], lse [N], d log p / d hidden [N, d] with_jacobian else [0]) of flat inputs of one
+    dtype, in the accumulation dtype; 0 (and zero Jacobian rows) for ignored tokens."""
+    _check_target_range(targets, ignore_index, weight.shape[0])
+    n_rows, out_dtype = hidden.shape[0], accumulation_dtype(hidden.dtype)
+    kept, hidden, targets = _compacted(hidden, targets, ignore_index)
+    if targets.numel() == 0:
+        jacobian = hidden.new_zeros((n_rows, hidden.shape[1]) if with_jacobian else (0,), dtype=out_dtype)
+        zeros = hidden.new_zeros(n_rows, dtype=out_dtype)
+        return zeros, zeros.clone(), jacobian
+    # A backend's GEMMs run in the dtype it was given: autocast must not lower them.
+    with torch.autocast(hidden.device.type, enabled=False):
+        impl = _pick_backend(backend, hidden.device, hidden.dtype)
+        logp, lse, jacobian = impl.forward(hidden, weight, bias, targets, softcap, with_jacobian)
+    _check_finite(logp)
+    jacobian = _scattered(kept, jacobian, n_rows) if with_jacobian else logp.new_empty(0)
+    return _scattered(kept, logp, n_rows), _scattered(kept, lse, n_rows), jacobian
+
+
+@_token_logprobs_op.register_fake
+def _token_logprobs_fake(hidden, weight, bias, targets, ignore_index, softcap, backend, with_jacobian):
+    out_dtype = accumulation_dtype(hidden.dtype)
+    n_rows = hidden.shape[0]
+    jacobian = hidden.new_empty((n_rows, hidden.shape[1]) if with_jacobian else (0,), dtype=out_dtype)
+    return hidden.new_empty(n_rows, dtype=out_dtype), hidden.new_empty(n_rows, dtype=out_dtype), jacobian
+
+
+@torch.library.custom_op("autoregembed_fast::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    lse: torch.Tensor, grad_logp: torch.Tensor, ignore_index: int, softcap: float | None, backend: str,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trainable-head backward: (grad hidden, grad weight, grad bias) in the inputs' dtypes, each
+    an empty [0] tensor unless asked for. Recomputes the logits block by block from the saved lse."""
+    n_rows = hidden.shape[0]
+    kept, hidden, targets = _compacted(hidden, targets, ignore_index)
+    if kept is not None:
+        lse, grad_logp = lse.index_select(0, kept), grad_logp.index_select(0, kept)
+    grads = (None, None, None)
+    if targets.numel() > 0:
+        with torch.autocast(hidden.device.type, enabled=False):
+            impl = _pick_backend(backend, hidden.device, hidden.dtype)
+            grads = impl.backward(hidden, weight, bias, targets, lse, grad_logp.to(lse.dtype).contiguous(),
+                                  softcap, need_hidden, need_weight, need_bias and bias is not None)
+    grad_hidden, grad_weight, grad_bias = grads
+    empty = hidden.new_empty(0)
+    if need_hidden:
+        grad_hidden = (hidden.new_zeros(hidden.shape) if grad_hidden is None
+                       else grad_hidden.to(hidden.dtype))
+        grad_hidden = _scattered(kept, grad_hidden, n_rows)
+    if need_weight:
+        grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
+    if need_bias and bias is not None:
+        grad_bias = torch.zeros_like(bias) if grad_bias is None else grad_bias.to(bias.dtype)
+    return (grad_hidden if need_hidden else empty, grad_weight if need_weight else empty.clone(),
+            grad_bias if need_bias and bias is not None else empty.clone())
+
+
+@_token_logprobs_backward_op.register_fake
+def _token_logprobs_backward_fake(hidden, weight, bias, targets, lse, grad_logp, ignore_index, softcap,
+                                  backend, need_hidden, need_weight, need_bias):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            hidden.new_empty(bias.shape if need_bias and bias is not None else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, softcap, backend, with_jacobian = inputs
+    _, lse, jacobian = output
+    ctx.with_jacobian = with_jacobian
+    ctx.hidden_dtype = hidden.dtype
+    ctx.settings = (ignore_index, softcap, backend)
+    if with_jacobian:
+        # Head frozen, hidden trainable: the forward sweep also yielded J = d logp / d hidden, so
+        # the backward is one elementwise product per token (no second pass over the vocabulary).
         ctx.save_for_backward(jacobian)
-        ctx.hidden_dtype = hidden.dtype
-        return logp
+    else:
+        # Head trainable: only the log-sum-exp was kept; the backward recomputes the logits.
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
 
-    @staticmethod
-    def backward(ctx, grad_logp):
+
+def _backward(ctx, grad_logp, grad_lse, grad_jacobian):
+    no_grad = (None,) * 5
+    if ctx.with_jacobian:
         (jacobian,) = ctx.saved_tensors
         grad_hidden = grad_logp.to(jacobian.dtype)[:, None] * jacobian
-        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None
+        return (grad_hidden.to(ctx.hidden_dtype), None, None, *no_grad)
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_hidden, grad_weight, grad_bias = _token_logprobs_backward_op(
+        hidden, weight, bias, targets, lse, grad_logp, *ctx.settings,
+        need_hidden, need_weight, need_bias)
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
+            grad_bias if need_bias and bias is not None else None, *no_grad)
 
 
-class _TrainableHeadLogprobs(torch.autograd.Function):
-    """Head trainable: the forward keeps only the log-sum-exp; the backward recomputes the logits block
-    by block and forms grad_hidden, grad_weight and grad_bias as needed."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, backend):
-        logp, lse, _ = backend.forward(hidden, weight, bias, targets, softcap, False)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.softcap = softcap
-        ctx.backend = backend
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden, grad_weight, grad_bias = ctx.backend.backward(
-            hidden, weight, bias, targets, lse, grad_logp.to(lse.dtype).contiguous(), ctx.softcap,
-            need_hidden, need_weight, need_bias and bias is not None,
-        )
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.to(hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def reference_token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None):
@@ -100,11 +189,34 @@ def reference_token_logprobs(hidden, weight, targets, bias=None, ignore_index=-1
 
 class _Validated(NamedTuple):
     hidden: torch.Tensor  # [N, d]
+    weight: torch.Tensor  # [V, d]
+    bias: torch.Tensor | None  # [V]
     targets: torch.Tensor  # [N] int64
     softcap: float | None
 
 
+def _compute_dtype(hidden, weight, bias) -> torch.dtype:
+    """The dtype the op computes in. Under autocast: the autocast dtype, as `lm_head` would (fp64
+    inputs stay fp64, as autocast leaves them). Otherwise torch's type promotion of hidden, weight and
+    bias: a bf16 hidden with an fp32 head computes in fp32 (hidden upcast, [N, d]), a bf16 head with an
+    fp32 hidden too (head upcast, [V, d])."""
+    tensors = [hidden, weight] + ([] if bias is None else [bias])
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        dtypes = [t.dtype if t.dtype == torch.float64 else autocast_dtype for t in tensors]
+    else:
+        dtypes = [t.dtype for t in tensors]
+    result = dtypes[0]
+    for dtype in dtypes[1:]:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
 def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> _Validated:
+    """Checks what does not depend on tensor values (types, shapes, dtypes, devices, settings), so it
+    runs the same under torch.compile; the target range and finiteness are checked inside the op.
+    Returns flat inputs cast to the compute dtype (differentiably)."""
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -126,12 +238,9 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
         )
     if bias is not None and tuple(bias.shape) != (vocab_size,):
         raise ValueError(f"bias must have shape [V] = ({vocab_size},), got {tuple(bias.shape)}")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
-    if bias is not None and bias.dtype != hidden.dtype:
-        raise TypeError(f"bias dtype {bias.dtype} does not match hidden dtype {hidden.dtype}")
+    for name, value in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if value is not None and value.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor (int64), got {targets.dtype}")
     for name, value in (("weight", weight), ("targets", targets), ("bias", bias)):
@@ -146,14 +255,10 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
         softcap = float(softcap)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    flat_targets = targets.reshape(-1).to(torch.int64)
-    out_of_range = (flat_targets != ignore_index) & ((flat_targets < 0) | (flat_targets >= vocab_size))
-    if bool(out_of_range.any()):
-        bad = flat_targets[out_of_range][0].item()
-        raise ValueError(
-            f"targets holds {bad}, outside [0, V) = [0, {vocab_size}) and not ignore_index ({ignore_index})"
-        )
-    return _Validated(hidden.reshape(-1, dim), flat_targets, softcap)
+    dtype = _compute_dtype(hidden, weight, bias)
+    return _Validated(hidden.reshape(-1, dim).to(dtype), weight.to(dtype),
+                      None if bias is None else bias.to(dtype), targets.reshape(-1).to(torch.int64),
+                      softcap)
 
 
 def _check_backend_device(backend: str, device: torch.device) -> None:
@@ -258,37 +363,21 @@ def token_logprobs(
             cannot run on the tensors' device.
         RuntimeError: ``backend="cuda"`` without the CUDA build of the extension.
     """
-    flat_hidden, flat_targets, softcap = _validate(
+    flat_hidden, weight, bias, flat_targets, softcap = _validate(
         hidden, weight, targets, bias, ignore_index, softcap, backend
     )
-    out_dtype = accumulation_dtype(hidden.dtype)
-    if flat_targets.numel() == 0:
-        return torch.zeros(targets.shape, dtype=out_dtype, device=hidden.device)
-
-    keep = flat_targets != ignore_index
     if backend == "reference":
+        # Value checks synchronise with the device: eager only (the op checks them everywhere).
+        checked = not torch.compiler.is_compiling()
+        if checked:
+            _check_target_range(flat_targets, ignore_index, weight.shape[0])
         logp = reference_token_logprobs(flat_hidden, weight, flat_targets, bias, ignore_index, softcap)
-        _check_finite(logp[keep])
+        if checked:
+            _check_finite(logp[flat_targets != ignore_index])
         return logp.reshape(targets.shape)
 
-    impl = _pick_backend(backend, hidden.device, hidden.dtype)
-    kept_index = keep.nonzero().squeeze(1)
-    compacted = kept_index.numel() < flat_targets.numel()
-    if compacted:
-        flat_hidden = flat_hidden.index_select(0, kept_index)
-        flat_targets = flat_targets.index_select(0, kept_index)
-
     head_trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or head_trainable):
-        logp, _, _ = impl.forward(flat_hidden, weight, bias, flat_targets, softcap, False)
-    elif head_trainable:
-        logp = _TrainableHeadLogprobs.apply(flat_hidden, weight, bias, flat_targets, softcap, impl)
-    else:
-        logp = _FrozenHeadLogprobs.apply(flat_hidden, weight, bias, flat_targets, softcap, impl)
-    _check_finite(logp)
-
-    if compacted:
-        logp = torch.zeros(keep.shape, dtype=logp.dtype, device=logp.device).index_put(
-            (kept_index,), logp
-        )
+    needs_grad = torch.is_grad_enabled() and (flat_hidden.requires_grad or head_trainable)
+    logp, _, _ = _token_logprobs_op(flat_hidden, weight, bias, flat_targets, ignore_index, softcap,
+                                    backend, needs_grad and not head_trainable)
     return logp.reshape(targets.shape)

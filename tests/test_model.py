@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from autoregembed_fast import score_targets
+from autoregembed_fast import score_targets, token_logprobs
 from autoregembed_fast.data import length_groups
 from autoregembed_fast.model import PASS_OVERHEAD_TOKENS
 from tiny_models import tiny_gemma2, tiny_llama
@@ -177,3 +177,28 @@ def test_compress_in_length_groups_equals_each_text_alone(tmp_path):
     assert torch.allclose(grouped_memory, torch.cat(alone), rtol=1e-5, atol=1e-5)
     alone_grad = encoder.get_input_embeddings().weight.grad
     assert (grouped_grad - alone_grad).abs().max() <= 1e-5 * alone_grad.abs().max()
+
+
+@pytest.mark.parametrize("decoder_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_score_targets_under_autocast_scores_the_hidden_states_as_they_come(monkeypatch, decoder_dtype):
+    """Under bf16 autocast the op gets the decoder's hidden states in the dtype they come out in (HF
+    keeps the residual stream of an fp32 model in fp32; a bf16 model's is bf16): no [S, T, d] cast
+    here, and the op computes as the autocast `lm_head` would (bf16 operands, fp32 softmax)."""
+    import autoregembed_fast.model as model_module
+
+    seen = []
+
+    def recording(hidden, weight, targets, **kwargs):
+        seen.append(hidden.dtype)
+        return token_logprobs(hidden, weight, targets, **kwargs)
+
+    monkeypatch.setattr(model_module, "token_logprobs", recording)
+    decoder = tiny_llama().to(decoder_dtype)
+    memory, target_ids, target_mask, memory_index = make_batch(decoder)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = score_targets(decoder, memory, target_ids, target_mask, memory_index)
+        eager = eager_scores(decoder, memory, target_ids, target_mask, memory_index)
+    assert seen == [decoder_dtype]
+    assert fused.dtype == torch.float32
+    # Both round the head to bf16; eager also rounds its logits to bf16.
+    assert torch.allclose(fused.double(), eager, rtol=2e-2, atol=0.1)

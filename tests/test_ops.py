@@ -340,6 +340,80 @@ def test_float64_rejected_by_fp32_backends(backend):
         token_logprobs(hidden, weight, targets, backend=backend)
 
 
+# (hidden, weight, bias) dtypes that differ: the op computes in their promoted dtype.
+MIXED_DTYPES = {
+    "bf16-hidden-fp32-head": (torch.bfloat16, torch.float32, torch.float32),
+    "fp32-hidden-bf16-head": (torch.float32, torch.bfloat16, torch.bfloat16),
+    "fp16-hidden-fp32-head-bf16-bias": (torch.float16, torch.float32, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", sorted(MIXED_DTYPES))
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen-head", "trainable-head"])
+def test_mixed_dtypes_compute_in_the_promoted_dtype(backend, dtypes, trainable_head):
+    """Outside autocast, mixed dtypes follow torch's type promotion: the result is the op on the
+    inputs cast to the promoted dtype (fp32 for every case here), and each gradient comes back in its
+    input's own dtype."""
+    hidden_dtype, weight_dtype, bias_dtype = MIXED_DTYPES[dtypes]
+    hidden, weight, targets, bias = make_inputs((19,), 12, 71, torch.float32, with_bias=True,
+                                                ignore_fraction=0.2, device=backend_device(backend))
+    hidden, weight, bias = hidden.to(hidden_dtype), weight.to(weight_dtype), bias.to(bias_dtype)
+    grad_out = torch.randn(19).to(hidden.device)
+    promoted = [t.detach().float() for t in (hidden, weight, bias)]
+    expected_logp = token_logprobs_oracle(*promoted[:2], targets, promoted[2], IGNORE)
+    expected = oracle_grads(promoted[0], promoted[1], targets, grad_out, promoted[2], IGNORE)
+
+    hidden.requires_grad_()
+    weight.requires_grad_(trainable_head)
+    bias.requires_grad_(trainable_head)
+    logp = token_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+    logp.backward(grad_out)
+    assert logp.dtype == torch.float32
+    assert max_err(logp, expected_logp) <= FP32_LOGP_REL * max(1.0, scale_of(expected_logp))
+    pairs = [(hidden, expected[0])] + ([(weight, expected[1]), (bias, expected[2])] if trainable_head
+                                       else [])
+    for tensor, truth in pairs:
+        assert tensor.grad.dtype == tensor.dtype
+        # The gradient is right in fp32, then rounded once to its input's dtype.
+        bound = (FP32_GRAD_REL + torch.finfo(tensor.dtype).eps) * scale_of(truth) + FP32_GRAD_ABS
+        assert max_err(tensor.grad, truth) <= bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen-head", "trainable-head"])
+def test_autocast_computes_as_the_lm_head_would(backend, autocast_dtype, trainable_head):
+    """Under autocast, fp32 hidden, head and bias are cast to the autocast dtype (as `lm_head`'s
+    linear is) and the softmax accumulates in fp32: the result is the op on the rounded inputs, with
+    fp32 accuracy; gradients reach the fp32 leaves in fp32."""
+    hidden, weight, targets, bias = make_inputs((19,), 12, 71, torch.float32, with_bias=True,
+                                                device=backend_device(backend))
+    grad_out = torch.randn(19).to(hidden.device)
+    rounded = [t.to(autocast_dtype).float() for t in (hidden, weight, bias)]
+    expected_logp = token_logprobs_oracle(*rounded[:2], targets, rounded[2], IGNORE)
+    expected = oracle_grads(*rounded[:2], targets, grad_out, rounded[2], IGNORE)
+
+    hidden.requires_grad_()
+    weight.requires_grad_(trainable_head)
+    bias.requires_grad_(trainable_head)
+    with torch.autocast(hidden.device.type, dtype=autocast_dtype):
+        logp = token_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+    logp.backward(grad_out)
+    assert logp.dtype == torch.float32
+    if backend == "reference":  # the eager path rounds its logits to the autocast dtype, as eager does
+        bound = 4 * torch.finfo(autocast_dtype).eps * max(1.0, scale_of(expected_logp))
+    else:
+        bound = FP32_LOGP_REL * max(1.0, scale_of(expected_logp))
+    assert max_err(logp, expected_logp) <= bound
+    pairs = [(hidden, expected[0])] + ([(weight, expected[1]), (bias, expected[2])] if trainable_head
+                                       else [])
+    for tensor, truth in pairs:
+        assert tensor.grad.dtype == torch.float32
+        # Gradients flow back through the cast: right to the rounding of the autocast dtype.
+        assert max_err(tensor.grad, truth) <= 4 * torch.finfo(autocast_dtype).eps * scale_of(truth)
+
+
 class BackendSpy:
     """Wraps the CPU backend and records what each call received."""
 
@@ -460,8 +534,8 @@ def bad_input_cases(device="cpu"):
         "hidden-d-mismatch": (dict(hidden=hidden[:, :5]), ValueError, "hidden"),
         "targets-shape": (dict(targets=torch.cat([targets, targets[:1]])), ValueError, "targets"),
         "bias-shape": (dict(bias=bias[:16]), ValueError, "bias"),
-        "weight-dtype": (dict(weight=weight.double()), TypeError, "weight"),
-        "bias-dtype": (dict(bias=bias.half()), TypeError, "bias"),
+        "weight-int": (dict(weight=weight.long()), TypeError, "weight"),
+        "bias-int": (dict(bias=bias.long()), TypeError, "bias"),
         "hidden-int": (dict(hidden=hidden.long(), weight=weight.long()), TypeError, "hidden"),
         "targets-float": (dict(targets=targets.float()), TypeError, "targets"),
         "targets-bool": (dict(targets=targets > 3), TypeError, "targets"),
