@@ -56,10 +56,19 @@ class CpuBackend:
         return block_rows_for_budget(weight.shape[0], bytes_per_logit, self.block_bytes)
 
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
-        logp, lse, jacobian = self.extension().token_logprobs_forward_cpu(
-            hidden, weight, bias, targets, softcap or 0.0, with_jacobian, self._block_rows(weight)
+        logp, lse, jacobian, _, _ = self.extension().token_logprobs_forward_cpu(
+            hidden, weight, bias, targets, softcap or 0.0, with_jacobian, False,
+            self._block_rows(weight)
         )
         return logp, lse, jacobian
+
+    def summed_grads(self, hidden, weight, bias, targets, softcap, need_hidden, need_head):
+        """One sweep, 3 GEMMs per block: logits, then G @ W and G^T @ H from the coefficients G."""
+        logp, _, grad_hidden, grad_weight, grad_bias = self.extension().token_logprobs_forward_cpu(
+            hidden, weight, bias, targets, softcap or 0.0, need_hidden, need_head,
+            self._block_rows(weight)
+        )
+        return logp, grad_hidden, grad_weight, grad_bias
 
     def backward(self, hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden,
                  need_weight, need_bias):
@@ -68,6 +77,16 @@ class CpuBackend:
             need_hidden, need_weight, need_bias, self._block_rows(weight),
         )
         return tuple(grads)
+
+
+def summed_grads_by_recompute(backend, hidden, weight, bias, targets, softcap, need_hidden, need_head):
+    """Gradients of sum(log p) for backends without a one-sweep route: the log-sum-exp sweep, then
+    the recompute backward with a unit upstream gradient (4 GEMM-equivalents, as a trainable head's
+    forward + backward costs anyway)."""
+    logp, lse, _ = backend.forward(hidden, weight, bias, targets, softcap, False)
+    grads = backend.backward(hidden, weight, bias, targets, lse, torch.ones_like(lse), softcap,
+                             need_hidden, need_head, need_head and bias is not None)
+    return (logp, *grads)
 
 
 def fp32_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -182,6 +201,11 @@ class ChunkedRoute:
         return grad_hidden, grad_weight, grad_bias
 
 
+    def summed_grads(self, hidden, weight, bias, targets, softcap, need_hidden, need_head):
+        return summed_grads_by_recompute(self, hidden, weight, bias, targets, softcap, need_hidden,
+                                         need_head)
+
+
 JACOBIAN_ROUTES = ("chunked", "fused")
 
 
@@ -217,6 +241,10 @@ class TritonBackend:
 
         return logits_backward(hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden,
                                need_weight, need_bias)
+
+    def summed_grads(self, hidden, weight, bias, targets, softcap, need_hidden, need_head):
+        return summed_grads_by_recompute(self, hidden, weight, bias, targets, softcap, need_hidden,
+                                         need_head)
 
 
 def cuda_extension_available() -> bool:

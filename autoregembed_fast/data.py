@@ -226,18 +226,20 @@ def compression_batch(tokenizer, rows, settings: Tokenization) -> dict:
             "target_mask": target_mask}
 
 
-def alignment_batch(tokenizer, rows, settings: Tokenization) -> dict:
+def alignment_batch(tokenizer, rows, settings: Tokenization, self_score: bool = True) -> dict:
     """Stage 2: encoder inputs for the queries then the positives (one encoder pass over both), and
-    the targets pos | M_query, pos | M_pos, neg_j | M_query with the memory row each one reads."""
+    the targets pos | M_query, pos | M_pos, neg_j | M_query with the memory row each one reads.
+    Without `self_score` (reference scores need no s_pp): the queries only, and no pos | M_pos."""
     pad_id = pad_id_of(tokenizer)
     batch = len(rows)
     queries = [encoder_ids(tokenizer, r["query"], instruction_for(r, settings), settings) for r in rows]
-    positives = [encoder_ids(tokenizer, r["pos"], instruction_for(r, settings), settings) for r in rows]
+    positives = ([encoder_ids(tokenizer, r["pos"], instruction_for(r, settings), settings) for r in rows]
+                 if self_score else [])
     n_negatives = len(negatives_of(rows[0]))
     targets, memory_index = [], []
     for i, row in enumerate(rows):
-        targets += [target_ids(tokenizer, row["pos"], settings)] * 2
-        memory_index += [i, batch + i]  # pos | M_query, pos | M_pos
+        targets += [target_ids(tokenizer, row["pos"], settings)] * (2 if self_score else 1)
+        memory_index += [i, batch + i] if self_score else [i]  # pos | M_query (, pos | M_pos)
         targets += [target_ids(tokenizer, neg, settings) for neg in negatives_of(row)]
         memory_index += [i] * n_negatives  # neg_j | M_query: the query's memory, shared
     input_ids, input_mask = pad(queries + positives, pad_id)
@@ -247,7 +249,11 @@ def alignment_batch(tokenizer, rows, settings: Tokenization) -> dict:
             "n_negatives": n_negatives}
 
 
-def split_alignment_scores(scores: torch.Tensor, batch: int, n_negatives: int):
-    """Scores of `alignment_batch` targets [B * (2 + n)] -> s_qp [B], s_pp [B], s_qn [B, n]."""
+def split_alignment_scores(scores: torch.Tensor, batch: int, n_negatives: int, self_score: bool = True):
+    """Scores of `alignment_batch` targets [B * (2 + n)] -> s_qp [B], s_pp [B], s_qn [B, n]; without
+    `self_score` [B * (1 + n)] -> s_qp, None, s_qn."""
+    if not self_score:
+        per_example = scores.view(batch, 1 + n_negatives)
+        return per_example[:, 0], None, per_example[:, 1:]
     per_example = scores.view(batch, 2 + n_negatives)
     return per_example[:, 0], per_example[:, 1], per_example[:, 2:]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoregembed_fast.ops import token_logprobs
+from autoregembed_fast.ops import summed_token_logprobs, token_logprobs
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -56,7 +56,8 @@ def sequence_logprobs(
     if not average:
         return total
     counts = (labels != ignore_index).sum(dim=-1)
-    if bool((counts == 0).any()):
+    # The check synchronises with the device: eager only (compiled, an empty row gives NaN).
+    if not torch.compiler.is_compiling() and bool((counts == 0).any()):
         empty = (counts == 0).nonzero()[0].item()
         raise ValueError(f"row {empty} has no scored token: its average log-probability is undefined")
     return total / counts
@@ -88,13 +89,16 @@ def linear_cross_entropy(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     hidden, labels = _shifted(hidden, labels, shift)
-    losses = -token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                             softcap=softcap, backend=backend)
     if reduction == "none":
-        return losses
+        return -token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                               softcap=softcap, backend=backend)
+    # A scalar loss: every token's upstream gradient is the same number, so the gradients are formed
+    # in the forward sweep (no recompute for a trainable head).
+    total = -summed_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                   softcap=softcap, backend=backend)
     if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
+        return total
+    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -247,13 +247,15 @@ class AutoRegEmbed(nn.Module):
     def hidden_size(self) -> int:
         return self.encoder.get_input_embeddings().weight.shape[1]
 
-    def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 group_lengths: bool = True) -> torch.Tensor:
         """Memory embeddings [B, k, d] of right-padded texts input_ids [B, T] (mask [B, T]): the
-        compress tokens go right after each row's last real token. Rows run in groups of similar
-        length (`length_groups`), each trimmed to its longest row: a batch of short and long texts
-        does not pay for the padding of the short ones."""
+        compress tokens go right after each row's last real token. With `group_lengths` rows run in
+        groups of similar length (`length_groups`), each trimmed to its longest row: a batch of
+        short and long texts does not pay for the padding of the short ones; without, as one padded
+        batch."""
         groups = length_groups(attention_mask.sum(dim=1), PASS_OVERHEAD_TOKENS)
-        if len(groups) == 1:
+        if len(groups) == 1 or not group_lengths:
             return self._compress_rows(input_ids, attention_mask)
         parts = []
         for rows in groups:

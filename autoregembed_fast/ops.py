@@ -1,7 +1,8 @@
 """Per-token log-likelihood under a linear LM head, without materialising the N x V logits.
 
-`token_logprobs` is the one public op; everything else here is its validation, backend dispatch and
-autograd. A backend provides two calls on compacted inputs (ignored tokens already removed):
+`token_logprobs` is the public op, `summed_token_logprobs` its sum for scalar losses; everything else
+here is their validation, backend dispatch and autograd. A backend provides three calls on compacted
+inputs (ignored tokens already removed):
 
 - ``forward(hidden [N, d], weight [V, d], bias [V] | None, targets [N], softcap, with_jacobian)``
   -> ``(logp [N], lse [N], jacobian [N, d] | None)``, in the accumulation dtype (float64 for float64
@@ -9,6 +10,9 @@ autograd. A backend provides two calls on compacted inputs (ignored tokens alrea
 - ``backward(hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden, need_weight,
   need_bias)`` -> ``(grad_hidden, grad_weight, grad_bias)``, each ``None`` unless asked for: the
   recompute backward used when the head is trainable.
+- ``summed_grads(hidden, weight, bias, targets, softcap, need_hidden, need_head)`` -> ``(logp,
+  grad_hidden | None, grad_weight | None, grad_bias | None)``: the gradients of ``sum(logp)``, formed
+  in the forward sweep where the backend can (CPU: 3 GEMMs, no recompute).
 
 Inputs reach the backends as the views the user passed (transposed, sliced, offset storage: any
 strides); each backend reads them through their strides or copies what is cheap to copy:
@@ -169,6 +173,60 @@ def _backward(ctx, grad_logp, grad_lse, grad_jacobian):
 
 
 _token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("autoregembed_fast::summed_token_logprobs", mutates_args=())
+def _summed_token_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    ignore_index: int, softcap: float | None, backend: str, need_hidden: bool, need_head: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of log p over scored tokens [], and its gradients w.r.t. hidden [N, d], weight [V, d] and
+    bias [V], each an empty [0] tensor unless asked for), all in the accumulation dtype."""
+    _check_target_range(targets, ignore_index, weight.shape[0])
+    n_rows, out_dtype = hidden.shape[0], accumulation_dtype(hidden.dtype)
+    kept, hidden, targets = _compacted(hidden, targets, ignore_index)
+    empty = hidden.new_empty(0, dtype=out_dtype)
+    if targets.numel() == 0:
+        grad_hidden = hidden.new_zeros((n_rows, hidden.shape[1]), dtype=out_dtype) if need_hidden else empty
+        grad_weight = weight.new_zeros(weight.shape, dtype=out_dtype) if need_head else empty.clone()
+        grad_bias = (weight.new_zeros(weight.shape[0], dtype=out_dtype) if need_head and bias is not None
+                     else empty.clone())
+        return hidden.new_zeros((), dtype=out_dtype), grad_hidden, grad_weight, grad_bias
+    with torch.autocast(hidden.device.type, enabled=False):
+        impl = _pick_backend(backend, hidden.device, hidden.dtype)
+        logp, grad_hidden, grad_weight, grad_bias = impl.summed_grads(
+            hidden, weight, bias, targets, softcap, need_hidden, need_head)
+    _check_finite(logp)
+    return (logp.sum(), _scattered(kept, grad_hidden, n_rows) if need_hidden else empty,
+            grad_weight if need_head else empty.clone(),
+            grad_bias if need_head and bias is not None else empty.clone())
+
+
+@_summed_token_logprobs_op.register_fake
+def _summed_token_logprobs_fake(hidden, weight, bias, targets, ignore_index, softcap, backend,
+                                need_hidden, need_head):
+    out_dtype = accumulation_dtype(hidden.dtype)
+    return (hidden.new_empty((), dtype=out_dtype),
+            hidden.new_empty(hidden.shape if need_hidden else (0,), dtype=out_dtype),
+            hidden.new_empty(weight.shape if need_head else (0,), dtype=out_dtype),
+            hidden.new_empty(bias.shape if need_head and bias is not None else (0,), dtype=out_dtype))
+
+
+def _summed_setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.save_for_backward(*output[1:])
+
+
+def _summed_backward(ctx, grad_total, *unused):
+    # The gradients were formed in the forward for a unit upstream gradient: scale them.
+    grads = []
+    for grad, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3]):
+        grads.append((grad_total.to(grad.dtype) * grad).to(dtype) if needed and grad.numel() else None)
+    return (*grads, None, None, None, None, None, None)
+
+
+_summed_token_logprobs_op.register_autograd(_summed_backward, setup_context=_summed_setup_context)
 
 
 def reference_token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None):
@@ -332,9 +390,9 @@ def token_logprobs(
 
     Args:
         hidden: ``[..., d]`` float16 / bfloat16 / float32 / float64.
-        weight: ``[V, d]``, same dtype and device as ``hidden``.
+        weight: ``[V, d]``, a float dtype, on the device of ``hidden``.
         targets: ``[...]`` (the leading shape of ``hidden``), integer; each in ``[0, V)`` or ``ignore_index``.
-        bias: optional ``[V]``, same dtype and device.
+        bias: optional ``[V]``, a float dtype, same device.
         ignore_index: targets with this value score exactly ``0.0``, get zero gradient and cost no FLOPs
             (they are removed before any GEMM).
         softcap: optional positive cap applied to the logits before the softmax.
@@ -346,9 +404,17 @@ def token_logprobs(
             oracle's twin and the benchmarks' baseline). The Triton and CUDA backends take float16,
             bfloat16 and float32 inputs.
 
+    Dtypes: outside autocast the op computes in the type promotion of hidden, weight and bias (a
+    bf16 ``hidden`` with an fp32 head computes in fp32); under ``torch.autocast`` in the autocast
+    dtype, as the model's ``lm_head`` would (float64 inputs stay float64). Gradients come back in
+    each input's own dtype.
+
     Returns:
-        ``[...]`` log-probabilities, float32 (float64 for float64 inputs); accumulation and the softmax
-        are in that dtype whatever the input dtype.
+        ``[...]`` log-probabilities, float32 (float64 when computing in float64); accumulation and the
+        softmax are in that dtype whatever the input dtype.
+
+    Works under ``torch.compile`` (one graph, dynamic N): the computation is the custom op
+    ``autoregembed_fast::token_logprobs``; the value checks below run inside it.
 
     Differentiable w.r.t. ``hidden`` and, when they require grad, ``weight`` and ``bias``; the upstream
     gradient is per token. With a frozen head the forward also computes ``d logp / d hidden`` (one
@@ -356,8 +422,8 @@ def token_logprobs(
     recomputes the logits block by block. Under ``torch.no_grad()`` only the log-sum-exp sweep runs.
 
     Raises:
-        TypeError: a non-tensor argument, a non-float ``hidden``, mismatched dtypes, non-integer
-            targets, a dtype the chosen backend does not take.
+        TypeError: a non-tensor argument, a non-float ``hidden`` / ``weight`` / ``bias``, non-integer
+            targets, a (computed) dtype the chosen backend does not take.
         ValueError: mismatched shapes or devices, a target outside ``[0, V)``, non-finite values in
             ``hidden`` / ``weight`` / ``bias``, a bad ``softcap``, an unknown backend or one that
             cannot run on the tensors' device.
@@ -381,3 +447,36 @@ def token_logprobs(
     logp, _, _ = _token_logprobs_op(flat_hidden, weight, bias, flat_targets, ignore_index, softcap,
                                     backend, needs_grad and not head_trainable)
     return logp.reshape(targets.shape)
+
+
+def summed_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``token_logprobs(...).sum()`` (a scalar, the sum over scored tokens) for losses that reduce
+    over tokens: since every token's upstream gradient is the same scalar, the gradients are formed in
+    the forward sweep and the backward only scales them. On the CPU backend that makes a trainable
+    head cost 3 GEMM-equivalents (logits, grad_hidden, grad_weight) instead of the recompute path's 4;
+    the GPU backends run their lse sweep and recompute kernel inside the forward (same cost as the
+    per-token path). The gradients of the inputs that need one are held from the forward to the
+    backward ([N, d] and [V, d] in the accumulation dtype). Same arguments, dtypes and errors as
+    `token_logprobs`; without gradients (or with ``backend="reference"``) it is that sum.
+    """
+    flat_hidden, weight, bias, flat_targets, softcap = _validate(
+        hidden, weight, targets, bias, ignore_index, softcap, backend
+    )
+    head_trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if backend == "reference" or not torch.is_grad_enabled() or not (
+            flat_hidden.requires_grad or head_trainable):
+        return token_logprobs(flat_hidden, weight, flat_targets, bias=bias, ignore_index=ignore_index,
+                              softcap=softcap, backend=backend).sum()
+    total, _, _, _ = _summed_token_logprobs_op(flat_hidden, weight, bias, flat_targets, ignore_index,
+                                               softcap, backend, flat_hidden.requires_grad,
+                                               head_trainable)
+    return total

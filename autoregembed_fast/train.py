@@ -257,12 +257,13 @@ def compute_references(args, cluster: Cluster) -> None:
     positive, negative = [], []
     for start in range(0, len(rows), args.batch_size):
         chunk = rows[start : start + args.batch_size]
-        batch = alignment_batch(model.tokenizer, chunk, settings)
+        batch = alignment_batch(model.tokenizer, chunk, settings, self_score=False)
         n_negatives = batch.pop("n_negatives")
         batch = {k: v.to(cluster.device) for k, v in batch.items()}
         memory = model(batch["input_ids"], batch["attention_mask"])
         scores = sequence_scores(decoder, memory, batch, args.average_logprobs)
-        s_qp, _, s_qn = split_alignment_scores(scores.float().cpu(), len(chunk), n_negatives)
+        s_qp, _, s_qn = split_alignment_scores(scores.float().cpu(), len(chunk), n_negatives,
+                                               self_score=False)
         positive.append(s_qp)
         negative.append(s_qn)
     key = reference_key(Path(args.data), Path(args.encoder), settings, args.average_logprobs)

@@ -5,7 +5,8 @@ RSS above the RSS just before the first call (the kernel's high-water mark is re
 /proc/self/clear_refs), on a GPU `max_memory_allocated` above the allocation before the first call.
 Times are medians after warm-up (`triton.testing.do_bench` on a GPU, perf_counter on CPU). The plain
 GEMMs of the same shape are timed in the same run as "gemm-floor" (1 GEMM for no-grad, 2 for a frozen
-head's forward + backward, 3 with a trainable head), and each row reports the fraction of that rate
+head's forward + backward, 3 with a trainable head, per-token or as a scalar mean cross-entropy
+loss), and each row reports the fraction of that rate
 it reaches. Errors are against the float64 oracle of tests/oracle.py on the first tokens, so that a
 fast but wrong entry shows. An implementation that cannot run here is listed as skipped, with why.
 """
@@ -35,10 +36,12 @@ PRESETS = {  # name: (d, V)
     "llama2-7b": (4_096, 32_000),
     "llama3-8b": (4_096, 128_256),
 }
-MODES = ("nograd", "frozen", "trainable")
+MODES = ("nograd", "frozen", "trainable", "trainable-loss")
 # GEMM-equivalents (2*N*d*V FLOPs each) the work of each mode needs: the logits; plus the Jacobian
-# (frozen head, grad_hidden only); plus grad_hidden and grad_weight (trainable head).
-GEMMS_PER_MODE = {"nograd": 1, "frozen": 2, "trainable": 3}
+# (frozen head, grad_hidden only); plus grad_hidden and grad_weight (trainable head, per-token
+# upstream gradients, or a scalar mean cross-entropy loss: "trainable-loss").
+GEMMS_PER_MODE = {"nograd": 1, "frozen": 2, "trainable": 3, "trainable-loss": 3}
+TRAINABLE_MODES = ("trainable", "trainable-loss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ORACLE_TOKENS = 128
 CHUNK_TOKENS = 1024
@@ -73,7 +76,7 @@ def plain_gemms(problem: Problem, mode: str):
     logits = problem.hidden @ problem.weight.t()
     if mode != "nograd":
         logits @ problem.weight
-    if mode == "trainable":
+    if mode in TRAINABLE_MODES:
         logits.t() @ problem.hidden
 
 
@@ -136,6 +139,46 @@ def quack(hidden, weight, targets):
     return -linear_cross_entropy_func(hidden, weight, None, targets, reduction="none")
 
 
+# Scalar mean cross-entropy over the tokens (the "trainable-loss" mode), one per implementation that
+# has such an entry point.
+def ours_loss(backend: str):
+    def run(hidden, weight, targets):
+        from autoregembed_fast import linear_cross_entropy
+
+        return linear_cross_entropy(hidden, weight, targets, shift=False, backend=backend)
+
+    return run
+
+
+def materialised_loss(hidden, weight, targets):
+    return torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets)
+
+
+def chunked_eager_loss(hidden, weight, targets):
+    return -chunked_eager(hidden, weight, targets).mean()
+
+
+def cut_cross_entropy_loss(hidden, weight, targets):
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if hidden.is_cuda else "torch_compile"
+    return linear_cross_entropy(hidden, weight, targets, reduction="mean", impl=impl)
+
+
+def liger_kernel_loss(hidden, weight, targets):
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    out = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, -100, 0.0,
+                                                     0.0, "mean")
+    return out[0] if isinstance(out, tuple) else out
+
+
+def quack_loss(hidden, weight, targets):
+    from quack.linear_cross_entropy import linear_cross_entropy_func
+
+    return linear_cross_entropy_func(hidden, weight, None, targets, reduction="mean")
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -163,17 +206,19 @@ def ours_cuda_needs(device: str) -> str | None:
     return None if cuda_extension_available() else "autoregembed_fast._C was built without CUDA"
 
 
-IMPLEMENTATIONS = {  # name: (function, needs)
-    "gemm-floor": (None, lambda device: None),
-    "materialised": (materialised, lambda device: None),
-    "chunked-eager": (chunked_eager, lambda device: None),
-    "cut-cross-entropy": (cut_cross_entropy, needs_module("cut_cross_entropy", "cut-cross-entropy")),
-    "liger-kernel": (liger_kernel, needs_module("liger_kernel", "liger-kernel", cuda_only=True)),
-    "quack": (quack, needs_module("quack", "quack-kernels", cuda_only=True)),
-    "ours-cpu": (ours("cpu"), lambda device: None if device == "cpu" else "CPU backend"),
-    "ours-triton": (ours("triton"), needs_cuda),
-    "ours-triton-fused": (ours("triton-fused"), needs_cuda),
-    "ours-cuda": (ours("cuda"), ours_cuda_needs),
+IMPLEMENTATIONS = {  # name: (per-token log-probs function, scalar-loss function, needs)
+    "gemm-floor": (None, None, lambda device: None),
+    "materialised": (materialised, materialised_loss, lambda device: None),
+    "chunked-eager": (chunked_eager, chunked_eager_loss, lambda device: None),
+    "cut-cross-entropy": (cut_cross_entropy, cut_cross_entropy_loss,
+                          needs_module("cut_cross_entropy", "cut-cross-entropy")),
+    "liger-kernel": (liger_kernel, liger_kernel_loss,
+                     needs_module("liger_kernel", "liger-kernel", cuda_only=True)),
+    "quack": (quack, quack_loss, needs_module("quack", "quack-kernels", cuda_only=True)),
+    "ours-cpu": (ours("cpu"), ours_loss("cpu"), lambda device: None if device == "cpu" else "CPU backend"),
+    "ours-triton": (ours("triton"), ours_loss("triton"), needs_cuda),
+    "ours-triton-fused": (ours("triton-fused"), ours_loss("triton-fused"), needs_cuda),
+    "ours-cuda": (ours("cuda"), ours_loss("cuda"), ours_cuda_needs),
 }
 
 
@@ -192,22 +237,36 @@ def run_once(impl, problem: Problem, mode: str):
             return impl(hidden, weight, problem.targets), None
     hidden.grad = weight.grad = None
     hidden.requires_grad_(True)
-    weight.requires_grad_(mode == "trainable")
-    logp = impl(hidden, weight, problem.targets)
-    logp.backward(problem.grad_out)
-    return logp.detach(), hidden.grad
+    weight.requires_grad_(mode in TRAINABLE_MODES)
+    out = impl(hidden, weight, problem.targets)
+    if mode == "trainable-loss":
+        out.backward()
+    else:
+        out.backward(problem.grad_out)
+    return out.detach(), hidden.grad
 
 
-def oracle_error(problem: Problem, logp, grad_hidden) -> float:
+def oracle_error(problem: Problem, mode: str, out, grad_hidden) -> float:
+    """Max abs error against the float64 oracle: of the first tokens' log-probs and grad_hidden, or
+    (trainable-loss) of the mean loss over every token and the first tokens' grad_hidden."""
     sys.path.insert(0, str(ROOT / "tests"))
     from oracle import oracle_grads, token_logprobs_oracle
 
     k = ORACLE_TOKENS
     hidden, targets = problem.hidden[:k].detach(), problem.targets[:k]
     weight = problem.weight.detach()
-    error = (logp[:k].double() - token_logprobs_oracle(hidden, weight, targets)).abs().max().item()
+    n_tokens = problem.targets.shape[0]
+    if mode == "trainable-loss":
+        total = sum(token_logprobs_oracle(problem.hidden[start : start + k].detach(), weight,
+                                          problem.targets[start : start + k]).sum()
+                    for start in range(0, n_tokens, k))
+        error = abs(out.item() + total.item() / n_tokens)
+        grad_out = torch.full((k,), -1.0 / n_tokens, device=hidden.device)
+    else:
+        error = (out[:k].double() - token_logprobs_oracle(hidden, weight, targets)).abs().max().item()
+        grad_out = problem.grad_out[:k]
     if grad_hidden is not None:
-        expected_grad, _, _ = oracle_grads(hidden, weight, targets, problem.grad_out[:k])
+        expected_grad, _, _ = oracle_grads(hidden, weight, targets, grad_out)
         error = max(error, (grad_hidden[:k].double() - expected_grad).abs().max().item())
     return error
 
@@ -240,15 +299,16 @@ def time_cuda(impl, problem, mode, repeats):
 
 def skip_reason(impl_name, device) -> str | None:
     """Why an implementation cannot run on `device` here (None when it can)."""
-    return IMPLEMENTATIONS[impl_name][1](device)
+    return IMPLEMENTATIONS[impl_name][2](device)
 
 
 def measure_problem(impl_name, mode, problem: Problem, repeats, device) -> dict:
     """Time, peak extra memory and oracle error of one implementation on one problem."""
-    impl = IMPLEMENTATIONS[impl_name][0]
+    per_token, loss, _ = IMPLEMENTATIONS[impl_name]
+    impl = loss if mode == "trainable-loss" else per_token
     timer = time_cuda if device == "cuda" else time_cpu
     seconds, peak_extra, result = timer(impl, problem, mode, repeats)
-    error = None if impl is None else oracle_error(problem, *result)
+    error = None if impl is None else oracle_error(problem, mode, *result)
     return {"seconds": seconds, "peak_extra_bytes": peak_extra, "max_abs_error": error}
 
 

@@ -8,7 +8,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_logprobs_forward_cpu", &autoregembed_fast::token_logprobs_forward_cpu,
         pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("targets"), pybind11::arg("softcap"), pybind11::arg("with_jacobian"),
-        pybind11::arg("block_rows"));
+        pybind11::arg("with_head_grads"), pybind11::arg("block_rows"));
   m.def("token_logprobs_backward_cpu", &autoregembed_fast::token_logprobs_backward_cpu,
         pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("targets"), pybind11::arg("lse"), pybind11::arg("grad_logp"),

@@ -9,11 +9,15 @@
 namespace autoregembed_fast {
 
 // hidden [N, d], weight [V, d], bias [V] or none, targets [N] int64 in [0, V).
-// Returns {log p [N], log-sum-exp [N], d log p / d hidden [N, d] or undefined}, in float64 for float64
-// inputs and float32 otherwise. softcap <= 0 means no softcap. At most block_rows x V logits live at once.
+// Returns {log p [N], log-sum-exp [N], d log p / d hidden [N, d] or undefined, d sum(log p) / d weight
+// [V, d] and d sum(log p) / d bias [V] (undefined unless with_head_grads, and a bias for the latter)},
+// in float64 for float64 inputs and float32 otherwise. The head's gradients are formed in the same
+// sweep (one more GEMM per block): a scalar loss over tokens needs no recompute in its backward.
+// softcap <= 0 means no softcap. At most block_rows x V logits live at once.
 std::vector<at::Tensor> token_logprobs_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double softcap, bool with_jacobian, int64_t block_rows);
+    const at::Tensor& targets, double softcap, bool with_jacobian, bool with_head_grads,
+    int64_t block_rows);
 
 // Recompute backward for a trainable head: given the forward's log-sum-exp and the per-token upstream
 // gradient grad_logp [N] (accumulation dtype), returns {grad hidden, grad weight, grad bias}, each

@@ -99,10 +99,12 @@ template <typename acc_t>
 void forward_impl(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, acc_t cap, int64_t block_rows, at::Tensor& logp, at::Tensor& lse,
-    at::Tensor& jacobian) {
+    at::Tensor& jacobian, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   const int64_t N = hidden.size(0);
   const int64_t V = weight.size(0);
-  const bool with_jacobian = jacobian.defined();
+  // Each row's gradient coefficients d log p / d logits are written over its logits when any gradient
+  // is formed here: the Jacobian (G @ W) and the head's gradients of sum(log p) (G^T @ H, sum of G).
+  const bool coefficients = jacobian.defined() || grad_weight.defined() || grad_bias.defined();
   at::Tensor logits = at::empty({std::min(block_rows, N), V}, weight.options());
   const int64_t* target_ptr = targets.data_ptr<int64_t>();
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
@@ -110,19 +112,22 @@ void forward_impl(
   for (int64_t start = 0; start < N; start += block_rows) {
     const int64_t rows = std::min(block_rows, N - start);
     at::Tensor block = logits.narrow(0, 0, rows);
-    block_logits(block, hidden.narrow(0, start, rows).to(weight.scalar_type()), weight, bias);
+    const at::Tensor hidden_block = hidden.narrow(0, start, rows).to(weight.scalar_type());
+    block_logits(block, hidden_block, weight, bias);
     acc_t* z = block.data_ptr<acc_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t token = start + r;
-        forward_row_dispatch(z + r * V, V, cap, target_ptr[token], with_jacobian, lse_ptr + token,
+        forward_row_dispatch(z + r * V, V, cap, target_ptr[token], coefficients, lse_ptr + token,
                              logp_ptr + token);
       }
     });
-    if (with_jacobian) {
+    if (jacobian.defined()) {
       at::Tensor jacobian_rows = jacobian.narrow(0, start, rows);
       at::mm_out(jacobian_rows, block, weight);
     }
+    if (grad_weight.defined()) grad_weight.addmm_(block.t(), hidden_block);
+    if (grad_bias.defined()) grad_bias.add_(block.sum(0));
   }
 }
 
@@ -162,7 +167,8 @@ void backward_impl(
 
 std::vector<at::Tensor> token_logprobs_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double softcap, bool with_jacobian, int64_t block_rows) {
+    const at::Tensor& targets, double softcap, bool with_jacobian, bool with_head_grads,
+    int64_t block_rows) {
   check_internal_inputs(hidden, weight, targets, block_rows);
   const at::ScalarType acc = accumulation_type(hidden);
   const at::Tensor weight_acc = weight.to(acc).contiguous();
@@ -174,15 +180,18 @@ std::vector<at::Tensor> token_logprobs_forward_cpu(
   at::Tensor logp = at::empty({N}, options);
   at::Tensor lse = at::empty({N}, options);
   at::Tensor jacobian = with_jacobian ? at::empty({N, weight.size(1)}, options) : at::Tensor();
-  if (N == 0) return {logp, lse, jacobian};
+  at::Tensor grad_weight = with_head_grads ? at::zeros_like(weight_acc) : at::Tensor();
+  at::Tensor grad_bias =
+      with_head_grads && bias.has_value() ? at::zeros({weight.size(0)}, options) : at::Tensor();
+  if (N == 0) return {logp, lse, jacobian, grad_weight, grad_bias};
   if (acc == at::kDouble) {
     forward_impl<double>(hidden, weight_acc, bias_acc, targets_c, softcap, block_rows, logp, lse,
-                         jacobian);
+                         jacobian, grad_weight, grad_bias);
   } else {
     forward_impl<float>(hidden, weight_acc, bias_acc, targets_c, static_cast<float>(softcap),
-                        block_rows, logp, lse, jacobian);
+                        block_rows, logp, lse, jacobian, grad_weight, grad_bias);
   }
-  return {logp, lse, jacobian};
+  return {logp, lse, jacobian, grad_weight, grad_bias};
 }
 
 std::vector<at::Tensor> token_logprobs_backward_cpu(

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from autoregembed_fast import AlignmentLoss, linear_cross_entropy, token_logprobs
+from autoregembed_fast import AlignmentLoss, linear_cross_entropy, sequence_logprobs, token_logprobs
 from oracle import oracle_grads, token_logprobs_oracle
 
 V, D = 101, 16
@@ -72,6 +72,27 @@ def test_linear_cross_entropy_trainable_head_compiles_once_for_every_length():
         assert torch.allclose(compiled_loss, eager_loss, rtol=1e-6, atol=0)
         for actual, expected in zip(compiled_grads, eager_grads):
             assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-7)
+    assert counter.frame_count == 1
+
+
+def test_averaged_sequence_logprobs_compile_once_for_every_length():
+    weight = torch.randn(V, D) / 4
+
+    def averaged(hidden, labels):
+        return sequence_logprobs(hidden, weight, labels, average=True)
+
+    run, counter = compiled(averaged)
+    for length in (9, 14):
+        hidden, labels = torch.randn(3, length, D), torch.randint(0, V, (3, length))
+        labels[1, : length // 2] = -100
+        results = []
+        for function in (run, averaged):
+            hidden_leaf = leaf(hidden)
+            scores = function(hidden_leaf, labels)
+            scores.sum().backward()
+            results.append((scores.detach(), hidden_leaf.grad))
+        assert torch.allclose(results[0][0], results[1][0], rtol=1e-6, atol=0)
+        assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
     assert counter.frame_count == 1
 
 

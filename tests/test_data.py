@@ -87,6 +87,21 @@ def test_alignment_batch_shares_the_query_memory():
     assert s_qn.tolist() == [[2, 3], [6, 7], [10, 11]]
 
 
+def test_alignment_batch_without_self_score_encodes_only_the_queries():
+    tokenizer = tiny_tokenizer()
+    rows = stage2_rows(3, n_negatives=2)
+    batch = alignment_batch(tokenizer, rows, Tokenization(), self_score=False)
+    full = alignment_batch(tokenizer, rows, Tokenization())
+    assert torch.equal(batch["input_ids"], full["input_ids"][:3, : batch["input_ids"].shape[1]])
+    assert batch["memory_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    kept = [0, 2, 3, 4, 6, 7, 8, 10, 11]  # every target but pos | M_pos
+    width = batch["target_ids"].shape[1]
+    assert torch.equal(batch["target_ids"], full["target_ids"][kept, :width])
+    s_qp, s_pp, s_qn = split_alignment_scores(torch.arange(9.0), 3, 2, self_score=False)
+    assert s_pp is None and s_qp.tolist() == [0, 3, 6]
+    assert s_qn.tolist() == [[1, 2], [4, 5], [7, 8]]
+
+
 def brute_force_cost(sorted_lengths: list[int], overhead: int) -> int:
     """Least cost over every split of the sorted rows into contiguous groups (2^(n-1) splits)."""
     n, best = len(sorted_lengths), None

@@ -175,6 +175,8 @@ def test_compress_in_length_groups_equals_each_text_alone(tmp_path):
         (memory * upstream[row]).sum().backward()
         alone.append(memory.detach())
     assert torch.allclose(grouped_memory, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    padded_memory = model(ids, mask, group_lengths=False).detach()
+    assert torch.allclose(padded_memory, torch.cat(alone), rtol=1e-5, atol=1e-5)
     alone_grad = encoder.get_input_embeddings().weight.grad
     assert (grouped_grad - alone_grad).abs().max() <= 1e-5 * alone_grad.abs().max()
 

@@ -414,6 +414,57 @@ def test_autocast_computes_as_the_lm_head_would(backend, autocast_dtype, trainab
         assert max_err(tensor.grad, truth) <= 4 * torch.finfo(autocast_dtype).eps * scale_of(truth)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
+@pytest.mark.parametrize("trainable", ["hidden", "head", "both"])
+def test_summed_token_logprobs_gradients_match_oracle(backend, shape, dtype, with_bias, softcap,
+                                                      trainable):
+    """The sum over tokens with gradients formed in the forward, scaled by a random upstream scalar."""
+    lead_shape, d, V = shape
+    hidden, weight, targets, bias = make_inputs(lead_shape, d, V, dtype, with_bias=with_bias,
+                                                ignore_fraction=0.3, device=backend_device(backend))
+    upstream = torch.randn(())
+    grad_out = torch.full(lead_shape, upstream.item()).to(hidden.device)
+    expected_logp = token_logprobs_oracle(hidden, weight, targets, bias, IGNORE, softcap)
+    eager_logp = token_logprobs(hidden, weight, targets, bias=bias, softcap=softcap, backend="reference")
+    expected = oracle_grads(hidden, weight, targets, grad_out, bias, IGNORE, softcap)
+    _, eager = run_with_grads("reference", hidden, weight, targets, bias, softcap, grad_out,
+                              trainable_head=trainable != "hidden")
+
+    leaves = [hidden.detach().clone().requires_grad_(trainable != "head"),
+              weight.detach().clone().requires_grad_(trainable != "hidden"),
+              None if bias is None else bias.detach().clone().requires_grad_(trainable != "hidden")]
+    total = ops.summed_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], softcap=softcap,
+                                      backend=backend)
+    (total * upstream.to(total.device)).backward()
+    assert total.shape == ()
+    # A sum of N per-token values: N times the per-token bound.
+    per_token = FP32_LOGP_REL * max(1.0, scale_of(expected_logp))
+    if backend == "reference" and dtype != torch.float32:
+        per_token = max_err(eager_logp, expected_logp) + LOW_PRECISION_MARGIN[dtype] * max(
+            1.0, scale_of(expected_logp))
+    assert max_err(total, expected_logp.sum()) <= per_token * targets.numel()
+    for index, (leaf, truth) in enumerate(zip(leaves, expected)):
+        if leaf is None or not leaf.requires_grad:
+            assert leaf is None or leaf.grad is None
+            continue
+        assert_grad_close(leaf.grad, truth, eager[index], dtype)
+
+
+def test_summed_token_logprobs_trainable_head_needs_no_recompute(cpu_spy):
+    """A scalar loss on the CPU backend: one forward sweep forms every gradient, the backward only
+    scales them (no recompute, no second sweep)."""
+    hidden, weight, targets, bias = make_inputs((9,), 6, 31, torch.float32, with_bias=True)
+    for tensor in (hidden, weight, bias):
+        tensor.requires_grad_()
+    ops.summed_token_logprobs(hidden, weight, targets, bias=bias).backward()
+    assert cpu_spy.summed_calls == [(9, True, True)]
+    assert cpu_spy.forward_calls == [] and cpu_spy.backward_calls == 0
+
+
 class BackendSpy:
     """Wraps the CPU backend and records what each call received."""
 
@@ -423,6 +474,7 @@ class BackendSpy:
         self.dtypes = self.inner.dtypes
         self.forward_calls = []
         self.backward_calls = 0
+        self.summed_calls = []
 
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
         self.forward_calls.append((hidden.shape[0], with_jacobian))
@@ -431,6 +483,10 @@ class BackendSpy:
     def backward(self, *args):
         self.backward_calls += 1
         return self.inner.backward(*args)
+
+    def summed_grads(self, hidden, weight, bias, targets, softcap, need_hidden, need_head):
+        self.summed_calls.append((hidden.shape[0], need_hidden, need_head))
+        return self.inner.summed_grads(hidden, weight, bias, targets, softcap, need_hidden, need_head)
 
 
 @pytest.fixture

@@ -68,7 +68,25 @@ def test_reference_then_align(workspace, tmp_path):
                 "--batch-size", "5"])
     cache = torch.load(scores)
     assert cache["positive"].shape == (12,) and cache["negative"].shape == (12, 1)
-    assert (cache["positive"] < 0).all()
+    # Each score against the row's query encoded alone and its target scored alone (no batching).
+    from autoregembed_fast import score_targets
+    from autoregembed_fast.data import Tokenization, encoder_ids, instruction_for, read_alignment_rows
+    from autoregembed_fast.data import target_ids as target_ids_of
+    from autoregembed_fast.model import frozen_decoder, load_causal_lm
+
+    model = AutoRegEmbed.from_pretrained(workspace["encoder"]).eval()
+    decoder = frozen_decoder(load_causal_lm(str(workspace["base"]))[0])
+    settings = Tokenization()
+    for i, row in enumerate(read_alignment_rows(workspace["stage2"])[:3]):
+        ids = torch.tensor([encoder_ids(model.tokenizer, row["query"], instruction_for(row, settings),
+                                        settings)])
+        with torch.no_grad():
+            memory = model(ids, torch.ones_like(ids))
+            for target, cached in ((row["pos"], cache["positive"][i]), (row["neg"], cache["negative"][i, 0])):
+                target = target if isinstance(target, str) else target[0]
+                tokens = torch.tensor([target_ids_of(model.tokenizer, target, settings)])
+                alone = score_targets(decoder, memory, tokens, torch.ones_like(tokens), torch.tensor([0]))
+                assert torch.allclose(cached, alone[0], rtol=1e-5, atol=1e-5)
     train.main(["align", "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
                 "--data", str(workspace["stage2"]), "--reference-scores", str(scores), "--output",
                 str(tmp_path / "stage2"), "--batch-size", "4", "--steps", "2", "--lr", "1e-4"])
