@@ -215,14 +215,23 @@ def _summed_token_logprobs_fake(hidden, weight, bias, targets, ignore_index, sof
 def _summed_setup_context(ctx, inputs, output):
     hidden, weight, bias = inputs[:3]
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.backward_done = False
     ctx.save_for_backward(*output[1:])
 
 
 def _summed_backward(ctx, grad_total, *unused):
-    # The gradients were formed in the forward for a unit upstream gradient: scale them.
+    # The gradients were formed in the forward for a unit upstream gradient: scale them in place, so
+    # that a [V, d] head gradient exists once (the saved tensor is released after this node and
+    # becomes the parameter's .grad without a copy), as Liger's fused linear cross-entropy does.
+    if ctx.backward_done:
+        raise RuntimeError(
+            "summed_token_logprobs (linear_cross_entropy with reduction 'mean' / 'sum') forms its "
+            "gradients in the forward and scales them in place in the backward: it cannot be "
+            "backpropagated twice (retain_graph=True). Use token_logprobs(...).sum() for that.")
+    ctx.backward_done = True
     grads = []
     for grad, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3]):
-        grads.append((grad_total.to(grad.dtype) * grad).to(dtype) if needed and grad.numel() else None)
+        grads.append(grad.mul_(grad_total.to(grad.dtype)).to(dtype) if needed and grad.numel() else None)
     return (*grads, None, None, None, None, None, None)
 
 
@@ -465,7 +474,8 @@ def summed_token_logprobs(
     head cost 3 GEMM-equivalents (logits, grad_hidden, grad_weight) instead of the recompute path's 4;
     the GPU backends run their lse sweep and recompute kernel inside the forward (same cost as the
     per-token path). The gradients of the inputs that need one are held from the forward to the
-    backward ([N, d] and [V, d] in the accumulation dtype). Same arguments, dtypes and errors as
+    backward ([N, d] and [V, d] in the accumulation dtype) and scaled there in place, so it cannot be
+    backpropagated twice (``retain_graph=True`` raises). Same arguments, dtypes and errors as
     `token_logprobs`; without gradients (or with ``backend="reference"``) it is that sum.
     """
     flat_hidden, weight, bias, flat_targets, softcap = _validate(

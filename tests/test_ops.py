@@ -465,6 +465,17 @@ def test_summed_token_logprobs_trainable_head_needs_no_recompute(cpu_spy):
     assert cpu_spy.forward_calls == [] and cpu_spy.backward_calls == 0
 
 
+def test_summed_token_logprobs_refuses_a_second_backward():
+    """Its gradients are scaled in place: a second backward must raise, never double-scale."""
+    hidden, weight, targets, _ = make_inputs((9,), 6, 31, torch.float32)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    total = ops.summed_token_logprobs(hidden, weight, targets)
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        total.backward()
+
+
 class BackendSpy:
     """Wraps the CPU backend and records what each call received."""
 
