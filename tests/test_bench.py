@@ -51,3 +51,19 @@ def test_gpu_report_holds_every_row(tmp_path):
     assert "91%" in table and "skipped: quack-kernels is not installed" in table
     gpu.plot(tmp_path / "gpu.png", facts, rows)
     assert (tmp_path / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_filtering_tile_maxima_against_loops():
+    import torch
+
+    from bench.gradient_filtering import tile_maxima
+
+    hidden, weight = torch.randn(10, 8) * 2, torch.randn(37, 8)
+    maxima = tile_maxima(hidden, weight, 4, 8)  # 3 token tiles (4, 4, 2) x 5 vocabulary tiles (last 5)
+    probs = torch.softmax(hidden.double() @ weight.double().t(), dim=-1)
+    assert maxima.shape == (3, 5)
+    for i, tokens in enumerate((range(0, 4), range(4, 8), range(8, 10))):
+        for j in range(5):
+            expected = max(probs[t, v].item() for t in tokens for v in range(8 * j, min(8 * j + 8, 37)))
+            assert abs(maxima[i, j].item() - expected) <= 1e-6
+
