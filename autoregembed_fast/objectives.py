@@ -1,0 +1,104 @@
+"""Training objectives: each maps a batch of data rows to (sum of per-item losses, number of items), so
+that the loop can normalise by the global count over ranks and accumulation micro-batches."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from autoregembed_fast.data import (
+    Tokenization,
+    alignment_batch,
+    compression_batch,
+    encoder_ids,
+    instruction_for,
+    negatives_of,
+    pad,
+    pad_id_of,
+    split_alignment_scores,
+    target_ids,
+)
+from autoregembed_fast.losses import AlignmentLoss, CompressionLoss
+from autoregembed_fast.model import decoder_scoring_inputs, lm_head_of, score_targets
+
+
+class CompressionObjective:
+    """Stage 1: token cross-entropy of output + [eos] given the memory of context + instruction."""
+
+    def __init__(self, decoder, tokenizer, settings: Tokenization, rows):
+        self.decoder, self.tokenizer, self.settings, self.rows = decoder, tokenizer, settings, rows
+        self.target_lengths = [len(target_ids(tokenizer, row["output"], settings)) for row in rows]
+        self.loss = CompressionLoss(shift=False, reduction="sum", softcap=lm_head_of(decoder)[2])
+
+    def count(self, rows) -> int:
+        return sum(self.target_lengths[i] for i in rows)
+
+    def __call__(self, model, rows, device):
+        data = [self.rows[i] for i in rows]
+        batch = {k: v.to(device) for k, v in compression_batch(self.tokenizer, data, self.settings).items()}
+        memory = model(batch["input_ids"], batch["attention_mask"])
+        index = torch.arange(len(rows), device=device)
+        hidden, labels, weight, bias, _ = decoder_scoring_inputs(
+            self.decoder, memory, batch["target_ids"], batch["target_mask"], index)
+        return self.loss(hidden, weight, labels, bias), int(batch["target_mask"].sum())
+
+
+def sequence_scores(decoder, memory, batch, average: bool):
+    scores = score_targets(decoder, memory, batch["target_ids"], batch["target_mask"],
+                           batch["memory_index"])
+    return scores / batch["target_mask"].sum(dim=1) if average else scores
+
+
+class AlignmentObjective:
+    """Stage 2: one encoder pass over queries and positives, one decoder scoring pass over
+    pos | M_query, pos | M_pos and every neg | M_query, the alignment loss against cached references.
+    With `detach_self_score`, s_pp = log p(pos | M_pos) is a constant target for s_qp: the alignment
+    term then moves the query's memory only, and cannot be met by making the positive's own
+    reconstruction worse."""
+
+    def __init__(self, decoder, tokenizer, settings, loss: AlignmentLoss, references, average,
+                 detach_self_score: bool = False):
+        self.decoder, self.tokenizer, self.settings = decoder, tokenizer, settings
+        self.loss, self.references, self.average = loss, references, average
+        self.detach_self_score = detach_self_score
+
+    def count(self, rows) -> int:
+        return len(rows)
+
+    def __call__(self, model, rows, device):
+        batch = alignment_batch(self.tokenizer, [self.references.rows[i] for i in rows], self.settings)
+        n_negatives = batch.pop("n_negatives")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        memory = model(batch["input_ids"], batch["attention_mask"])
+        scores = sequence_scores(self.decoder, memory, batch, self.average)
+        s_qp, s_pp, s_qn = split_alignment_scores(scores.float(), len(rows), n_negatives)
+        if self.detach_self_score:
+            s_pp = s_pp.detach()
+        ref_pos, ref_neg = self.references.of(rows, device)
+        return self.loss(s_qp, s_pp, s_qn, ref_pos, ref_neg) * len(rows), len(rows)
+
+
+class ContrastiveObjective:
+    """The paper's baseline on the same data: InfoNCE over in-batch positives and hard negatives on
+    the same mean-of-memory embeddings (in-batch means within each rank's batch)."""
+
+    def __init__(self, tokenizer, settings, rows, temperature: float):
+        self.tokenizer, self.settings, self.rows, self.temperature = tokenizer, settings, rows, temperature
+
+    def count(self, rows) -> int:
+        return len(rows)
+
+    def __call__(self, model, rows, device):
+        texts = [self.rows[i] for i in rows]
+        # Queries, then positives, then every hard negative: candidates = positives + negatives.
+        pairs = [(row["query"], row) for row in texts] + [(row["pos"], row) for row in texts]
+        pairs += [(neg, row) for row in texts for neg in negatives_of(row)]
+        sequences = [encoder_ids(self.tokenizer, text, instruction_for(row, self.settings), self.settings)
+                     for text, row in pairs]
+        ids, mask = pad(sequences, pad_id_of(self.tokenizer))
+        embeddings = F.normalize(model(ids.to(device), mask.to(device)).float().mean(dim=1), dim=-1)
+        batch = len(rows)
+        query, candidates = embeddings[:batch], embeddings[batch:]
+        logits = query @ candidates.t() / self.temperature
+        targets = torch.arange(batch, device=device)
+        return F.cross_entropy(logits, targets, reduction="sum"), batch
