@@ -1,9 +1,11 @@
-"""Checkpoints of the training loop: atomic saves, RNG state, and the resumable state of a run."""
+"""Checkpoints of the training loop: atomic saves, RNG state, and the resumable state of a run (one
+file from rank 0, or with FSDP2 a torch.distributed.checkpoint directory written by every rank)."""
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 CHECKPOINT = "checkpoint.pt"
+SHARDED_CHECKPOINT = "checkpoint"  # a directory, with --fsdp
+LOOP_STATE = "loop.pt"  # scheduler, RNG and step, next to the shards
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -38,12 +42,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
-
-def save_checkpoint(cluster, output, model, optimizer, scheduler, step) -> None:
+def save_checkpoint(cluster, output, model, optimizer, scheduler, step, sharded: bool = False) -> None:
+    if sharded:
+        save_sharded_checkpoint(cluster, output, model, optimizer, scheduler, step)
+        return
     if cluster.main:
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step},
                     output / CHECKPOINT)
     if cluster.world > 1:
         dist.barrier()
+
+
+def save_sharded_checkpoint(cluster, output, model, optimizer, scheduler, step) -> None:
+    """Every rank writes its shards into a staging directory; rank 0 adds the loop state and swaps
+    it in for the previous checkpoint (a kill leaves the previous one, possibly as `.old`)."""
+    import torch.distributed.checkpoint as dcp
+
+    from autoregembed_fast.sharding import sharded_state
+
+    final = output / SHARDED_CHECKPOINT
+    staging, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if cluster.main:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=str(staging))
+    if cluster.main:
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step},
+                   staging / LOOP_STATE)
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def sharded_checkpoint_of(output: Path) -> Path | None:
+    """The directory to resume from with --fsdp: the checkpoint, or the previous one when a kill
+    came in the middle of the swap."""
+    for name in (SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old"):
+        if (output / name / LOOP_STATE).is_file():
+            return output / name
+    return None
+
+
+def load_sharded_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
+    """Restores model and optimizer shards, scheduler and RNG from `directory`; returns the step."""
+    import torch.distributed.checkpoint as dcp
+
+    from autoregembed_fast.sharding import load_sharded_state, sharded_state
+
+    state = sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(directory))
+    load_sharded_state(model, optimizer, state)
+    loop_state = torch.load(directory / LOOP_STATE, map_location="cpu", weights_only=False)
+    scheduler.load_state_dict(loop_state["scheduler"])
+    set_rng_state(loop_state["rng"])
+    return loop_state["step"]

@@ -1,5 +1,6 @@
-"""The training loop: global batches over ranks and accumulation micro-batches, AdamW on fp32 master
-weights, cosine schedule with warm-up, the JSONL log and loss curve, checkpoints and resume."""
+"""The training loop: global batches over ranks and accumulation micro-batches (DDP, or FSDP2 with
+`--fsdp`), AdamW on fp32 master weights, cosine schedule with warm-up, the JSONL log and loss curve,
+checkpoints and resume."""
 
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from autoregembed_fast.checkpoint import CHECKPOINT, save_checkpoint, set_rng_state
+from autoregembed_fast.checkpoint import (
+    CHECKPOINT,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    sharded_checkpoint_of,
+)
 from autoregembed_fast.cluster import Cluster, epoch_batches
 from autoregembed_fast.model import AutoRegEmbed
+from autoregembed_fast.sharding import full_model_state
 
 LOG = "log.jsonl"
 
@@ -40,6 +48,13 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
     # as bf16): an AdamW update below bf16's spacing (most of them at lr 5e-6) would otherwise
     # vanish. `--bf16` runs the compute under autocast over these fp32 weights.
     model.to(device=cluster.device, dtype=torch.float32).train()
+    if args.fsdp:
+        if not dist.is_initialized():
+            raise SystemExit("--fsdp shards the encoder over the ranks of torchrun: run with "
+                             "`torchrun --nproc_per_node N -m autoregembed_fast.train ...`, N >= 2")
+        from autoregembed_fast.sharding import shard_encoder
+
+        shard_encoder(model, bf16=args.bf16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The fused AdamW (CPU and CUDA) is one kernel over all parameters; the default per-tensor loop
     # took 0.2-1.2 s of a ~5 s CPU step for SmolLM2-135M, the fused one 0.07-0.09 s (NOTES.md).
@@ -47,24 +62,18 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, math.ceil(args.warmup_ratio * total_steps)))
     step = 0
-    if args.resume and not (output / CHECKPOINT).is_file() and cluster.main:
-        print(f"--resume: no {output / CHECKPOINT} yet, starting from step 0")
-    if args.resume and (output / CHECKPOINT).is_file():
-        state = torch.load(output / CHECKPOINT, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        if cluster.main:
-            print(f"resumed from {output / CHECKPOINT} at step {step}")
-            # Steps logged after the checkpoint are redone: drop their records.
-            records = (output / LOG).read_text().splitlines() if (output / LOG).is_file() else []
-            kept = [line for line in records if line.strip() and json.loads(line)["step"] <= step]
-            (output / LOG).write_text("".join(line + "\n" for line in kept))
+    if args.resume:
+        step = resume(args, cluster, output, model, optimizer, scheduler)
     wrapped = model
-    if cluster.world > 1:
+    if cluster.world > 1 and not args.fsdp:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
+
+    def gradient_sync(last: bool):
+        """Gradients are reduced over ranks on the last micro-batch of a step only."""
+        if args.fsdp:
+            model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last or cluster.world == 1 else wrapped.no_sync()
 
     progress = None
     if cluster.main:
@@ -89,15 +98,16 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         loss_sum = 0.0
         optimizer.zero_grad(set_to_none=True)
         for i, rows in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or cluster.world == 1 else wrapped.no_sync()
-            with sync:
+            with gradient_sync(i == len(micro_batches) - 1):
                 with autocast:
                     batch_loss, _ = objective(wrapped, rows, cluster.device)
-                # DDP averages gradients over ranks: scale so the result is the global mean.
+                # DDP and FSDP2 average gradients over ranks: scale so the result is the global mean.
                 (batch_loss * cluster.world / global_count).backward()
             loss_sum += batch_loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
         optimizer.step()
         scheduler.step()
         step += 1
@@ -115,18 +125,47 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
             progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{throughput:.1f}")
             progress.update(1)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(cluster, output, model, optimizer, scheduler, step)
+            save_checkpoint(cluster, output, model, optimizer, scheduler, step, sharded=args.fsdp)
         if args.stop_after and step >= args.stop_after:
             break
+    # With FSDP2 the full state dict is gathered to rank 0 (a collective: every rank takes part).
+    full_state = full_model_state(model) if args.fsdp and step >= total_steps else None
     if cluster.main:
         progress.close()
         log.close()
         if step >= total_steps:
-            model.save_pretrained(output / "model")
+            model.save_pretrained(output / "model", state_dict=full_state)
             plot_losses(output / LOG, output / "loss.png", args.command)
             print(f"saved {output / 'model'}; log {output / LOG}; curve {output / 'loss.png'}")
     if cluster.world > 1:
         dist.barrier()
+
+
+def resume(args, cluster, output, model, optimizer, scheduler) -> int:
+    """Restores the last checkpoint of `output` (if any) and returns its step; the log's records of
+    later steps are dropped (they are redone)."""
+    if args.fsdp:
+        directory = sharded_checkpoint_of(output)
+        step = 0 if directory is None else load_sharded_checkpoint(directory, model, optimizer,
+                                                                   scheduler)
+    else:
+        directory = output / CHECKPOINT if (output / CHECKPOINT).is_file() else None
+        step = 0
+        if directory is not None:
+            state = torch.load(directory, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            step = state["step"]
+    if cluster.main and directory is None:
+        print(f"--resume: no checkpoint in {output} yet, starting from step 0")
+    elif cluster.main:
+        print(f"resumed from {directory} at step {step}")
+        records = (output / LOG).read_text().splitlines() if (output / LOG).is_file() else []
+        kept = [line for line in records if line.strip() and json.loads(line)["step"] <= step]
+        (output / LOG).write_text("".join(line + "\n" for line in kept))
+    return step
 
 
 def plot_losses(log_path: Path, png_path: Path, title: str) -> None:

@@ -301,10 +301,15 @@ class AutoRegEmbed(nn.Module):
             embeddings[index] = F.normalize(memory.float().mean(dim=1), dim=-1).cpu()
         return embeddings
 
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory, state_dict: dict | None = None) -> None:
+        """Saves encoder, tokenizer and settings. `state_dict`: this module's full state dict when its
+        parameters are sharded (FSDP2 gathers it to rank 0), instead of the live parameters."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(directory)
+        if state_dict is not None:
+            state_dict = {key.removeprefix("encoder."): value for key, value in state_dict.items()
+                          if key.startswith("encoder.")}
+        self.encoder.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         (directory / CONFIG_FILE).write_text(json.dumps(
             {"k": self.k, "prompt": self.prompt, "memory_norm": self.memory_norm}, indent=2))

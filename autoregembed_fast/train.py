@@ -178,8 +178,12 @@ def add_common(parser, *, training: bool) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast over fp32 master weights (trainable weights stay fp32)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard the encoder's parameters, gradients and optimizer state with FSDP2 "
+                             "over the ranks of torchrun (with --bf16: FSDP2 mixed precision)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT/checkpoint.pt (OUTPUT/checkpoint/ with --fsdp)")
     parser.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
 
 

@@ -131,21 +131,49 @@ def run_torchrun(args, processes):
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["compress", "align"])
-def test_two_processes_match_one(workspace, tmp_path, stage):
-    """2 ranks x batch 2 (gloo, DDP) give the loss trajectory of 1 process x batch 4."""
+def stage_args(workspace, stage):
     if stage == "compress":
-        common = ["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"])]
-    else:
-        common = ["align", "--encoder", str(workspace["encoder"]), "--decoder",
-                  str(workspace["base"]), "--data", str(workspace["stage2"])]
-    common += ["--steps", "3", "--lr", "1e-3"]
+        return ["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"])]
+    return ["align", "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
+            "--data", str(workspace["stage2"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("stage", ["compress", "align"])
+def test_two_processes_match_one(workspace, tmp_path, stage, parallel):
+    """2 ranks x batch 2 (gloo; DDP, or FSDP2 sharding the encoder) give the loss trajectory of
+    1 process x batch 4, and the saved model loads in one process."""
+    common = stage_args(workspace, stage) + ["--steps", "3", "--lr", "1e-3"]
+    sharding = ["--fsdp"] if parallel == "fsdp" else []
     run_torchrun(common + ["--output", str(tmp_path / "one"), "--batch-size", "4"], 1)
-    run_torchrun(common + ["--output", str(tmp_path / "two"), "--batch-size", "2"], 2)
+    run_torchrun(common + ["--output", str(tmp_path / "two"), "--batch-size", "2", *sharding], 2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+    single = AutoRegEmbed.from_pretrained(tmp_path / "one" / "model").encoder.state_dict()
+    sharded = AutoRegEmbed.from_pretrained(tmp_path / "two" / "model").encoder.state_dict()
+    assert single.keys() == sharded.keys()
+    for name, value in single.items():
+        assert torch.allclose(value, sharded[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_fsdp_resume_gives_the_identical_next_step_loss(workspace, tmp_path):
+    """Killed after step 3 (its last sharded checkpoint is step 2), then resumed under FSDP2."""
+    common = stage_args(workspace, "compress") + ["--steps", "5", "--lr", "1e-3", "--batch-size", "2",
+                                                  "--save-every", "2", "--fsdp"]
+    run_torchrun(common + ["--output", str(tmp_path / "straight")], 2)
+    run_torchrun(common + ["--output", str(tmp_path / "killed"), "--stop-after", "3"], 2)
+    assert (tmp_path / "killed" / "checkpoint" / "loop.pt").is_file()
+    run_torchrun(common + ["--output", str(tmp_path / "killed"), "--resume"], 2)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def test_fsdp_without_torchrun_is_refused(workspace, tmp_path):
+    with pytest.raises(SystemExit, match="torchrun"):
+        train.main(stage_args(workspace, "compress") + ["--output", str(tmp_path / "out"), "--steps",
+                                                        "1", "--fsdp"])
 
 
 @pytest.mark.slow
@@ -177,17 +205,23 @@ def test_bf16_autocast_and_gradient_checkpointing_follow_the_fp32_run(workspace,
     assert bf16 == pytest.approx(losses(tmp_path / "bf16-plain"), rel=1e-5)
 
 
-def test_a_bf16_checkpoint_trains_on_fp32_master_weights(workspace, tmp_path):
+@pytest.mark.parametrize("parallel", ["one-process", "fsdp"])
+def test_a_bf16_checkpoint_trains_on_fp32_master_weights(workspace, tmp_path, parallel):
     """An update far below bf16's spacing must still move the weights: the encoder trains in fp32
-    (and saves fp32) even when its checkpoint is bf16."""
+    (and saves fp32) even when its checkpoint is bf16; with FSDP2, bf16 compute comes from its mixed
+    precision policy over fp32 shards."""
     from autoregembed_fast.model import load_causal_lm
 
     base, tokenizer = load_causal_lm(str(workspace["base"]))
     base.to(torch.bfloat16).save_pretrained(tmp_path / "bf16-base")
     tokenizer.save_pretrained(tmp_path / "bf16-base")
-    train.main(["compress", "--model", str(tmp_path / "bf16-base"), "--data", str(workspace["stage1"]),
-                "--output", str(tmp_path / "out"), "--batch-size", "4", "--steps", "1", "--lr", "1e-7",
-                "--warmup-ratio", "0", "--bf16"])
+    args = ["compress", "--model", str(tmp_path / "bf16-base"), "--data", str(workspace["stage1"]),
+            "--output", str(tmp_path / "out"), "--batch-size", "2", "--steps", "1", "--lr", "1e-7",
+            "--warmup-ratio", "0", "--bf16"]
+    if parallel == "fsdp":
+        run_torchrun(args + ["--fsdp"], 2)
+    else:
+        train.main(args)
     trained = AutoRegEmbed.from_pretrained(tmp_path / "out" / "model").encoder
     before = load_causal_lm(str(tmp_path / "bf16-base"))[0]
     weight = trained.model.layers[0].mlp.down_proj.weight
