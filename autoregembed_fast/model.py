@@ -100,13 +100,12 @@ def decoder_scoring_inputs(decoder, memory, target_ids, target_mask, memory_inde
         return F.pad(hidden[:, n_memory - 1 : n_memory - 1 + longest],
                      (0, 0, 0, target_ids.shape[1] - longest))
 
-    lengths = real.sum(dim=1)
+    lengths = real.sum(dim=1).cpu()
     groups = length_groups(lengths, PASS_OVERHEAD_TOKENS)
     if len(groups) == 1:
         scoring_hidden = scoring_states(slice(None), target_ids.shape[1])
     else:
-        parts = [scoring_states(rows.to(real.device), int(lengths[rows.to(real.device)].max()))
-                 for rows in groups]
+        parts = [scoring_states(rows.to(real.device), int(lengths[rows].max())) for rows in groups]
         scoring_hidden = torch.cat(parts).index_select(0, inverse_permutation(groups, real.device))
     # Under autocast the hidden states come out in the autocast dtype while the head stays fp32: the
     # op computes in the autocast dtype as `lm_head` would (no [S, T, d] upcast here).
@@ -260,13 +259,16 @@ class AutoRegEmbed(nn.Module):
         padding of the short ones; without, as one padded batch."""
         if group_lengths is None:
             group_lengths = self.group_lengths
-        groups = length_groups(attention_mask.sum(dim=1), PASS_OVERHEAD_TOKENS)
-        if len(groups) == 1 or not group_lengths:
+        if not group_lengths:
+            return self._compress_rows(input_ids, attention_mask)
+        lengths = attention_mask.sum(dim=1).cpu()
+        groups = length_groups(lengths, PASS_OVERHEAD_TOKENS)
+        if len(groups) == 1:
             return self._compress_rows(input_ids, attention_mask)
         parts = []
         for rows in groups:
+            longest = int(lengths[rows].max())
             rows = rows.to(input_ids.device)
-            longest = int(attention_mask[rows].sum(dim=1).max())
             parts.append(self._compress_rows(input_ids[rows, :longest], attention_mask[rows, :longest]))
         return torch.cat(parts).index_select(0, inverse_permutation(groups, input_ids.device))
 
