@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from autoregembed_fast.sharding import load_sharded_state, sharded_state
 
 CHECKPOINT = "checkpoint.pt"
 SHARDED_CHECKPOINT = "checkpoint"  # a directory, with --fsdp
@@ -57,10 +60,6 @@ def save_checkpoint(cluster, output, model, optimizer, scheduler, step, sharded:
 def save_sharded_checkpoint(cluster, output, model, optimizer, scheduler, step) -> None:
     """Every rank writes its shards into a staging directory; rank 0 adds the loop state and swaps
     it in for the previous checkpoint (a kill leaves the previous one, possibly as `.old`)."""
-    import torch.distributed.checkpoint as dcp
-
-    from autoregembed_fast.sharding import sharded_state
-
     final = output / SHARDED_CHECKPOINT
     staging, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     if cluster.main:
@@ -88,10 +87,6 @@ def sharded_checkpoint_of(output: Path) -> Path | None:
 
 def load_sharded_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
     """Restores model and optimizer shards, scheduler and RNG from `directory`; returns the step."""
-    import torch.distributed.checkpoint as dcp
-
-    from autoregembed_fast.sharding import load_sharded_state, sharded_state
-
     state = sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=str(directory))
     load_sharded_state(model, optimizer, state)

@@ -22,7 +22,7 @@ from autoregembed_fast.checkpoint import (
 )
 from autoregembed_fast.cluster import Cluster, epoch_batches
 from autoregembed_fast.model import AutoRegEmbed
-from autoregembed_fast.sharding import full_model_state
+from autoregembed_fast.sharding import full_model_state, shard_encoder
 
 LOG = "log.jsonl"
 
@@ -52,8 +52,6 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         if not dist.is_initialized():
             raise SystemExit("--fsdp shards the encoder over the ranks of torchrun: run with "
                              "`torchrun --nproc_per_node N -m autoregembed_fast.train ...`, N >= 2")
-        from autoregembed_fast.sharding import shard_encoder
-
         shard_encoder(model, bf16=args.bf16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The fused AdamW (CPU and CUDA) is one kernel over all parameters; the default per-tensor loop
