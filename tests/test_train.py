@@ -159,6 +159,24 @@ def test_two_processes_match_one(workspace, tmp_path, stage, parallel):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", ["compress", "align"])
+def test_fsdp_with_gradient_checkpointing_matches_one_plain_process(workspace, tmp_path, stage):
+    """Activation checkpointing inside FSDP2 units recomputes each layer in the backward (with its
+    parameters all-gathered again): the trajectory and the trained weights stay those of one
+    process without checkpointing."""
+    common = stage_args(workspace, stage) + ["--steps", "3", "--lr", "1e-3"]
+    run_torchrun(common + ["--output", str(tmp_path / "one"), "--batch-size", "4"], 1)
+    run_torchrun(common + ["--output", str(tmp_path / "two"), "--batch-size", "2", "--fsdp",
+                           "--gradient-checkpointing"], 2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(two) == 3 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+    single = AutoRegEmbed.from_pretrained(tmp_path / "one" / "model").encoder.state_dict()
+    sharded = AutoRegEmbed.from_pretrained(tmp_path / "two" / "model").encoder.state_dict()
+    for name, value in single.items():
+        assert torch.allclose(value, sharded[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.slow
 def test_fsdp_with_texts_of_very_different_lengths(workspace, tmp_path):
     """Length groups would make the ranks run different numbers of encoder passes, each an FSDP2
     all-gather: a hang. Under --fsdp the encoder runs one padded pass; the trajectory still matches
