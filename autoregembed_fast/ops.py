@@ -217,6 +217,9 @@ def _summed_setup_context(ctx, inputs, output):
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.backward_done = False
     ctx.save_for_backward(*output[1:])
+    # The gradient outputs are never differentiated: without this, autograd would materialise a zero
+    # upstream gradient for each of them in the backward, one more [V, d] tensor at the peak.
+    ctx.set_materialize_grads(False)
 
 
 def _summed_backward(ctx, grad_total, *unused):
@@ -229,6 +232,8 @@ def _summed_backward(ctx, grad_total, *unused):
             "gradients in the forward and scales them in place in the backward: it cannot be "
             "backpropagated twice (retain_graph=True). Use token_logprobs(...).sum() for that.")
     ctx.backward_done = True
+    if grad_total is None:
+        return (None,) * 9
     grads = []
     for grad, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3]):
         grads.append(grad.mul_(grad_total.to(grad.dtype)).to(dtype) if needed and grad.numel() else None)
