@@ -100,29 +100,6 @@ def length_batches(texts: list[str], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def length_groups(lengths: torch.Tensor, overhead: int) -> list[torch.Tensor]:
-    """Rows of a right-padded batch split into groups of similar length, each to run as its own
-    batch trimmed to its longest row: the split minimises the padded tokens processed, sum over
-    groups of (rows x longest length), plus `overhead` tokens per group (what one more pass costs).
-    Returns index tensors (on the CPU, each in ascending length) that partition range(len(lengths)).
-    """
-    lengths = lengths.cpu()
-    order = torch.argsort(lengths, stable=True)
-    distinct, counts = torch.unique_consecutive(lengths[order], return_counts=True)
-    distinct, ends = distinct.tolist(), [0] + counts.cumsum(0).tolist()
-    # An optimal split never cuts between equal lengths: dynamic programming over distinct lengths.
-    # best[j]: least cost of the rows of the j shortest lengths; cut[j]: where its last group starts.
-    best, cut = [0] * (len(distinct) + 1), [0] * (len(distinct) + 1)
-    for j in range(1, len(distinct) + 1):
-        best[j], cut[j] = min((best[i] + (ends[j] - ends[i]) * distinct[j - 1] + overhead, i)
-                              for i in range(j))
-    groups, j = [], len(distinct)
-    while j > 0:
-        groups.append(order[ends[cut[j]] : ends[j]])
-        j = cut[j]
-    return groups[::-1]
-
-
 def read_jsonl(path, fields: dict) -> list[dict]:
     """All rows of a JSONL file, each checked for the given {field: type} (strings non-empty, lists
     non-empty lists of non-empty strings). Raises DataError naming the file and line of the first bad

@@ -11,21 +11,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoregembed_fast.data import EVAL_PROMPT, length_groups
+from autoregembed_fast.data import EVAL_PROMPT
 from autoregembed_fast.ops import token_logprobs
-
-
-# One more transformer pass over a group of rows costs about as much as this many padded tokens (a
-# 24-sentence batch of SmolLM2-135M on 2 CPU cores: 16, 64 and 256 gave the same ~1.8x; NOTES.md).
-PASS_OVERHEAD_TOKENS = 64
-
-
-def inverse_permutation(groups: list[torch.Tensor], device) -> torch.Tensor:
-    """Where each original row sits in torch.cat(groups)."""
-    order = torch.cat(groups)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    return inverse.to(device)
+from autoregembed_fast.packing import packing_of, pack_sequences, unpack_sequences
 
 
 def lm_head_of(decoder):
@@ -36,6 +24,13 @@ def lm_head_of(decoder):
         raise ValueError(f"{type(decoder).__name__} has no linear output head (get_output_embeddings)")
     softcap = getattr(decoder.config, "final_logit_softcapping", None)
     return head.weight, getattr(head, "bias", None), softcap
+
+
+def _check_right_padded(mask: torch.Tensor, name: str) -> None:
+    real = mask.bool()
+    if bool((real[:, 1:] & ~real[:, :-1]).any()):
+        row = int((real[:, 1:] & ~real[:, :-1]).any(dim=1).nonzero()[0])
+        raise ValueError(f"{name} must be right-padded (each row's 1s, then 0s); row {row} is not")
 
 
 def _check_score_inputs(decoder, memory, target_ids, target_mask, memory_index):
@@ -60,6 +55,7 @@ def _check_score_inputs(decoder, memory, target_ids, target_mask, memory_index):
     if bool(((memory_index < 0) | (memory_index >= memory.shape[0])).any()):
         raise ValueError(f"memory_index holds values outside [0, M) = [0, {memory.shape[0]}): "
                          f"{memory_index.tolist()}")
+    _check_right_padded(target_mask, "target_mask")
     lengths = target_mask.bool().sum(dim=1)
     if bool((lengths == 0).any()):
         raise ValueError(f"target {(lengths == 0).nonzero()[0].item()} is empty (its mask is all 0)")
@@ -74,7 +70,7 @@ def _check_score_inputs(decoder, memory, target_ids, target_mask, memory_index):
                          f"decoder's context of {context} positions")
 
 
-def decoder_scoring_inputs(decoder, memory, target_ids, target_mask, memory_index):
+def decoder_scoring_inputs(decoder, memory, target_ids, target_mask, memory_index, packed=True):
     """Runs the decoder's base model once over ``[memory[memory_index[s]] ; embed(target_s)]`` for all
     targets and returns what scores them: (hidden [S, T, d], labels [S, T] with -100 on padding,
     head weight, head bias, softcap), hidden position t predicting target token t. See
@@ -82,33 +78,27 @@ def decoder_scoring_inputs(decoder, memory, target_ids, target_mask, memory_inde
     _check_score_inputs(decoder, memory, target_ids, target_mask, memory_index)
     weight, bias, softcap = lm_head_of(decoder)
     real = target_mask.bool()
-    n_memory = memory.shape[1]
+    n_memory, width = memory.shape[1], target_ids.shape[1]
 
     # Padded positions may hold any id (even -100): embed a valid one there, it is masked out anyway.
     embeddings = decoder.get_input_embeddings()(torch.where(real, target_ids, 0))
     inputs = torch.cat([memory.index_select(0, memory_index).to(embeddings.dtype), embeddings], dim=1)
-    attention_mask = torch.cat(
-        [torch.ones(real.shape[0], n_memory, dtype=torch.long, device=real.device), real.long()], dim=1
-    )
-    # Position k - 1 + t (the last memory slot, then each target token) predicts target token t.
-    # Targets run in groups of similar length, each trimmed to its longest (`length_groups`); the
-    # shorter groups' hidden states are zero-padded back to T (those positions are labelled -100).
-    def scoring_states(rows: slice | torch.Tensor, longest: int) -> torch.Tensor:
-        hidden = decoder.base_model(inputs_embeds=inputs[rows, : n_memory + longest],
-                                    attention_mask=attention_mask[rows, : n_memory + longest]
+    if packed:
+        packing = packing_of(n_memory + real.sum(dim=1).cpu(), real.device)
+        hidden = decoder.base_model(inputs_embeds=pack_sequences(inputs, packing),
+                                    position_ids=packing.position_ids, use_cache=False
                                     ).last_hidden_state
-        return F.pad(hidden[:, n_memory - 1 : n_memory - 1 + longest],
-                     (0, 0, 0, target_ids.shape[1] - longest))
-
-    lengths = real.sum(dim=1).cpu()
-    groups = length_groups(lengths, PASS_OVERHEAD_TOKENS)
-    if len(groups) == 1:
-        scoring_hidden = scoring_states(slice(None), target_ids.shape[1])
+        hidden = unpack_sequences(hidden, packing, n_memory + width)
     else:
-        parts = [scoring_states(rows.to(real.device), int(lengths[rows].max())) for rows in groups]
-        scoring_hidden = torch.cat(parts).index_select(0, inverse_permutation(groups, real.device))
+        attention_mask = torch.cat(
+            [torch.ones(real.shape[0], n_memory, dtype=torch.long, device=real.device), real.long()],
+            dim=1)
+        hidden = decoder.base_model(inputs_embeds=inputs, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+    # Position k - 1 + t (the last memory slot, then each target token) predicts target token t.
     # Under autocast the hidden states come out in the autocast dtype while the head stays fp32: the
     # op computes in the autocast dtype as `lm_head` would (no [S, T, d] upcast here).
+    scoring_hidden = hidden[:, n_memory - 1 : n_memory - 1 + width]
     return scoring_hidden, torch.where(real, target_ids, -100), weight, bias, softcap
 
 
@@ -120,6 +110,7 @@ def score_targets(
     memory_index: torch.Tensor,
     *,
     backend: str = "auto",
+    packed: bool = True,
 ) -> torch.Tensor:
     """log p(target_s | memory[memory_index[s]]) under the frozen decoder, for every target: ``[S]``.
 
@@ -129,6 +120,8 @@ def score_targets(
             indexed by its positive and all its negatives (gradients accumulate into it).
         target_ids: ``[S, T]`` token ids, right-padded; target_mask ``[S, T]``: 1 on real tokens.
         memory_index: ``[S]`` int, the memory row each target is conditioned on.
+        packed: run the decoder padding-free, the sequences packed into a few rows
+            (`autoregembed_fast.packing`); False: one right-padded batch.
 
     Runs the decoder's base model once over ``[memory[memory_index[s]] ; embed(target_s)]`` for all
     targets (memory slots and padding unscored), takes its last hidden states and scores the target
@@ -136,7 +129,7 @@ def score_targets(
     Differentiable w.r.t. ``memory`` (and anything upstream of it).
     """
     hidden, labels, weight, bias, softcap = decoder_scoring_inputs(
-        decoder, memory, target_ids, target_mask, memory_index)
+        decoder, memory, target_ids, target_mask, memory_index, packed)
     logp = token_logprobs(hidden, weight, labels, bias=bias, softcap=softcap, backend=backend)
     return logp.sum(dim=1)
 
@@ -246,43 +239,36 @@ class AutoRegEmbed(nn.Module):
     def hidden_size(self) -> int:
         return self.encoder.get_input_embeddings().weight.shape[1]
 
-    # Sharded with FSDP2, every encoder pass all-gathers each layer's shards: all ranks must make the
-    # same number of passes, so `sharding.shard_encoder` switches length groups off.
-    group_lengths = True
+    # Encoder passes run packed (padding-free, `autoregembed_fast.packing`) unless this is False.
+    packed = True
 
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                 group_lengths: bool | None = None) -> torch.Tensor:
+                 packed: bool | None = None) -> torch.Tensor:
         """Memory embeddings [B, k, d] of right-padded texts input_ids [B, T] (mask [B, T]): the
-        compress tokens go right after each row's last real token. With `group_lengths` (default:
-        the model's `group_lengths`, True) rows run in groups of similar length (`length_groups`),
-        each trimmed to its longest row: a batch of short and long texts does not pay for the
-        padding of the short ones; without, as one padded batch."""
-        if group_lengths is None:
-            group_lengths = self.group_lengths
-        if not group_lengths:
-            return self._compress_rows(input_ids, attention_mask)
-        lengths = attention_mask.sum(dim=1).cpu()
-        groups = length_groups(lengths, PASS_OVERHEAD_TOKENS)
-        if len(groups) == 1:
-            return self._compress_rows(input_ids, attention_mask)
-        parts = []
-        for rows in groups:
-            longest = int(lengths[rows].max())
-            rows = rows.to(input_ids.device)
-            parts.append(self._compress_rows(input_ids[rows, :longest], attention_mask[rows, :longest]))
-        return torch.cat(parts).index_select(0, inverse_permutation(groups, input_ids.device))
-
-    def _compress_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        batch, length = input_ids.shape
+        compress tokens go right after each row's last real token. With `packed` (default: the
+        model's `packed`, True) the texts run padding-free, packed into a few rows; without, as
+        one right-padded batch."""
+        _check_right_padded(attention_mask, "attention_mask")
+        if packed is None:
+            packed = self.packed
+        batch = input_ids.shape[0]
         lengths = attention_mask.sum(dim=1)
         positions = lengths[:, None] + torch.arange(self.k, device=input_ids.device)[None, :]
-        ids = torch.cat([input_ids, input_ids.new_zeros(batch, self.k)], dim=1)
-        mask = torch.cat([attention_mask, attention_mask.new_zeros(batch, self.k)], dim=1)
         rows = torch.arange(batch, device=input_ids.device)[:, None]
+        ids = torch.cat([input_ids, input_ids.new_zeros(batch, self.k)], dim=1)
         ids[rows, positions] = self.compress_ids.to(ids.device)
-        mask[rows, positions] = 1
-        hidden = self.encoder.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        memory = hidden[rows, positions]
+        if packed:
+            packing = packing_of(lengths.cpu() + self.k, input_ids.device)
+            hidden = self.encoder.base_model(input_ids=pack_sequences(ids, packing),
+                                             position_ids=packing.position_ids, use_cache=False
+                                             ).last_hidden_state
+            memory = hidden[packing.locate(positions)]
+        else:
+            mask = torch.cat([attention_mask, attention_mask.new_zeros(batch, self.k)], dim=1)
+            mask[rows, positions] = 1
+            hidden = self.encoder.base_model(input_ids=ids, attention_mask=mask, use_cache=False
+                                             ).last_hidden_state
+            memory = hidden[rows, positions]
         if self.memory_norm is not None:
             memory = F.normalize(memory, dim=-1) * self.memory_norm
         return memory

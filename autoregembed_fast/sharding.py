@@ -1,6 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) for the trainable encoder: parameters, gradients and
-AdamW's state sharded over the ranks, one unit per decoder layer and one for the rest. Its passes run
-as one padded batch (no length groups: every rank must make the same passes).
+AdamW's state sharded over the ranks, one unit per decoder layer and one for the rest. Every pass
+all-gathers the layers, so all ranks must make the same passes: each encoder call is one pass
+whatever the lengths of a rank's texts (they run packed, `autoregembed_fast.packing`).
 
 The frozen decoder is not sharded: it is never updated, so each rank holds a replica in the
 checkpoint's dtype (a 7B model in bf16: 14 GB per GPU, less than its sharded AdamW state would save
@@ -32,9 +33,6 @@ def shard_encoder(model, bf16: bool) -> None:
     for layer in model.encoder.base_model.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    # Each pass all-gathers the layers: ranks must make equally many passes (length groups differ
-    # between ranks' batches, and a rank waiting in a pass the others never make hangs them all).
-    model.group_lengths = False
 
 
 def sharded_state(model, optimizer) -> dict:

@@ -5,8 +5,9 @@ Batch of 8 NLI triplets (examples/data/), k = 5, AlignmentLoss with zero referen
   again for the negative, positive for itself), and each target scored through the decoder's full
   logits (log_softmax + gather, the released `_get_batch_logps`);
 - ours: one encoder pass over queries and positives, one `score_targets` pass over all targets, each
-  run in length groups trimmed to their longest row (the released style pads every pass to its
-  longest sequence); the table gives the fraction of padded tokens the transformer passes process.
+  packed padding-free (`autoregembed_fast.packing`; the released style pads every pass to its
+  longest sequence); the table gives the fraction of the tokens the transformer passes process that
+  are padding (for ours: the packed rows' unused tails).
 Both start from the same weights; their first-step losses must agree to 1e-4. Each runs in its own
 process; its peak memory is the RSS a training step adds once the models and AdamW's state exist.
 """
@@ -34,8 +35,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCH, K = 8, 5
 
 
-def released_scores(model, decoder, tokenizer, rows, settings):
-    """Sequence log-probs the released way: re-encode the query per target, full logits per target."""
+def released_scores(model, decoder, tokenizer, rows, settings, tokens):
+    """Sequence log-probs the released way: re-encode the query per target, full logits per target.
+    Adds the real (unpadded) tokens of its passes to tokens["real"]."""
     from autoregembed_fast.data import encoder_ids, instruction_for, pad, pad_id_of, target_ids
 
     pad_id = pad_id_of(tokenizer)
@@ -43,10 +45,12 @@ def released_scores(model, decoder, tokenizer, rows, settings):
     def memory_of(texts):
         ids, mask = pad([encoder_ids(tokenizer, t, instruction_for(r, settings), settings)
                          for t, r in zip(texts, rows)], pad_id)
-        return model(ids, mask, group_lengths=False)  # one padded batch, as the released code
+        tokens["real"] += int(mask.sum()) + K * len(texts)
+        return model(ids, mask, packed=False)  # one padded batch, as the released code
 
     def logps(memory, texts):
         ids, mask = pad([target_ids(tokenizer, t, settings) for t in texts], pad_id)
+        tokens["real"] += int(mask.sum()) + K * len(texts)
         inputs = torch.cat([memory, decoder.get_input_embeddings()(ids)], dim=1)
         attention = torch.cat([torch.ones(len(texts), K, dtype=torch.long), mask], dim=1)
         logits = decoder(inputs_embeds=inputs, attention_mask=attention).logits
@@ -66,11 +70,13 @@ def released_scores(model, decoder, tokenizer, rows, settings):
     return s_qp, s_pp, s_qn[:, None]
 
 
-def our_scores(model, decoder, tokenizer, rows, settings):
+def our_scores(model, decoder, tokenizer, rows, settings, tokens):
     from autoregembed_fast import score_targets
     from autoregembed_fast.data import alignment_batch, split_alignment_scores
 
     batch = alignment_batch(tokenizer, rows, settings)
+    tokens["real"] += (int(batch["attention_mask"].sum()) + K * len(batch["input_ids"])
+                       + int(batch["target_mask"].sum()) + K * len(batch["target_ids"]))
     memory = model(batch["input_ids"], batch["attention_mask"])
     scores = score_targets(decoder, memory, batch["target_ids"], batch["target_mask"],
                            batch["memory_index"])
@@ -94,20 +100,19 @@ def worker(style: str, steps: int) -> dict:
     loss_fn, settings = AlignmentLoss(), Tokenization()
     zeros = torch.zeros(BATCH)
 
+    tokens = {"processed": 0, "real": 0}
+
     def step() -> float:
-        s_qp, s_pp, s_qn = STYLES[style](model, decoder, tokenizer, rows, settings)
+        s_qp, s_pp, s_qn = STYLES[style](model, decoder, tokenizer, rows, settings, tokens)
         loss = loss_fn(s_qp, s_pp, s_qn, zeros, zeros[:, None])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss.item()
 
-    tokens = {"processed": 0, "real": 0}
-
     def count_tokens(module, args, kwargs):
-        mask = kwargs["attention_mask"]
-        tokens["processed"] += mask.numel()
-        tokens["real"] += int(mask.sum())
+        inputs = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        tokens["processed"] += inputs.shape[0] * inputs.shape[1]
 
     for base_model in (model.encoder.base_model, decoder.base_model):
         base_model.register_forward_pre_hook(count_tokens, with_kwargs=True)

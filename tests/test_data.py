@@ -14,7 +14,6 @@ from autoregembed_fast.data import (
     Tokenization,
     alignment_batch,
     encoder_ids,
-    length_groups,
     read_alignment_rows,
     read_jsonl,
     split_alignment_scores,
@@ -102,32 +101,3 @@ def test_alignment_batch_without_self_score_encodes_only_the_queries():
     assert s_qn.tolist() == [[1, 2], [4, 5], [7, 8]]
 
 
-def brute_force_cost(sorted_lengths: list[int], overhead: int) -> int:
-    """Least cost over every split of the sorted rows into contiguous groups (2^(n-1) splits)."""
-    n, best = len(sorted_lengths), None
-    for cuts in range(2 ** (n - 1)):
-        cost, start = 0, 0
-        for end in range(1, n + 1):
-            if end == n or cuts >> (end - 1) & 1:
-                cost += (end - start) * sorted_lengths[end - 1] + overhead
-                start = end
-        best = cost if best is None else min(best, cost)
-    return best
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_length_groups_partition_rows_at_least_padded_cost(seed):
-    generator = torch.Generator().manual_seed(seed)
-    n = int(torch.randint(1, 11, (1,), generator=generator))
-    lengths = torch.randint(1, 80, (n,), generator=generator)
-    if seed % 4 == 0:
-        lengths[: n // 2] = lengths[0]  # ties
-    overhead = [0, 8, 64, 1000][seed % 4]
-    groups = length_groups(lengths, overhead)
-    rows = torch.cat(groups)
-    assert sorted(rows.tolist()) == list(range(n))
-    assert all(bool((lengths[g][1:] >= lengths[g][:-1]).all()) for g in groups)
-    cost = sum(len(g) * int(lengths[g].max()) + overhead for g in groups)
-    assert cost == brute_force_cost(sorted(lengths.tolist()), overhead)
-    if overhead == 1000:
-        assert len(groups) == 1

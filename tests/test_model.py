@@ -4,8 +4,6 @@ import pytest
 import torch
 
 from autoregembed_fast import score_targets, token_logprobs
-from autoregembed_fast.data import length_groups
-from autoregembed_fast.model import PASS_OVERHEAD_TOKENS
 from tiny_models import tiny_gemma2, tiny_llama
 
 DECODERS = {
@@ -42,21 +40,28 @@ def eager_scores(decoder, memory, target_ids, target_mask, memory_index):
     return torch.stack(scores)
 
 
-# Similar lengths run as one decoder pass; a spread of lengths runs as several trimmed groups.
-LENGTHS = {"one-pass": (5, 9, 3, 7, 9, 1), "length-groups": (2, 57, 3, 1, 55, 2)}
+# Similar lengths, and a spread of lengths (packed: several short targets share a row).
+LENGTHS = {"similar": (5, 9, 3, 7, 9, 1), "spread": (2, 57, 3, 1, 55, 2)}
 
 
+# Packed into one row (the default row budget), into rows of at most 16 tokens (several rows with
+# unused tails), or one right-padded batch.
+LAYOUTS = {"packed": (True, None), "packed-rows-of-16": (True, 16), "padded": (False, None)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("lengths", sorted(LENGTHS))
 @pytest.mark.parametrize("decoder_name", sorted(DECODERS))
-def test_score_targets_matches_eager_logits_and_gradients(decoder_name, lengths):
+def test_score_targets_matches_eager_logits_and_gradients(monkeypatch, decoder_name, lengths, layout):
+    packed, row_tokens = LAYOUTS[layout]
+    if row_tokens is not None:
+        monkeypatch.setattr("autoregembed_fast.packing.PACKED_ROW_TOKENS", row_tokens)
     decoder = DECODERS[decoder_name]()
     memory, target_ids, target_mask, memory_index = make_batch(decoder, lengths=LENGTHS[lengths])
-    n_groups = len(length_groups(target_mask.sum(dim=1), PASS_OVERHEAD_TOKENS))
-    assert n_groups == (1 if lengths == "one-pass" else 2)
     grad_out = torch.randn(target_ids.shape[0])
 
     memory_fused = memory.clone().requires_grad_()
-    fused = score_targets(decoder, memory_fused, target_ids, target_mask, memory_index)
+    fused = score_targets(decoder, memory_fused, target_ids, target_mask, memory_index, packed=packed)
     (fused * grad_out).sum().backward()
 
     memory_eager = memory.clone().requires_grad_()
@@ -70,20 +75,26 @@ def test_score_targets_matches_eager_logits_and_gradients(decoder_name, lengths)
 
 
 @pytest.mark.parametrize("lengths", sorted(LENGTHS))
-def test_score_targets_runs_the_decoder_once_per_length_group_and_never_its_head(monkeypatch, lengths):
+def test_score_targets_runs_the_decoder_once_packed_and_never_its_head(monkeypatch, lengths):
     decoder = tiny_llama()
     memory, target_ids, target_mask, memory_index = make_batch(decoder, lengths=LENGTHS[lengths])
-    calls = {"base": 0, "head": 0}
+    calls = {"base": [], "head": 0}
     base_forward = decoder.model.forward
 
-    def counting_base(*args, **kwargs):
-        calls["base"] += 1
+    def recording_base(*args, **kwargs):
+        calls["base"].append(kwargs)
         return base_forward(*args, **kwargs)
 
-    monkeypatch.setattr(decoder.model, "forward", counting_base)
+    monkeypatch.setattr(decoder.model, "forward", recording_base)
     decoder.lm_head.register_forward_hook(lambda *args: calls.__setitem__("head", calls["head"] + 1))
     score_targets(decoder, memory, target_ids, target_mask, memory_index)
-    assert calls == {"base": 1 if lengths == "one-pass" else 2, "head": 0}
+    assert len(calls["base"]) == 1 and calls["head"] == 0
+    (kwargs,) = calls["base"]
+    assert kwargs.get("attention_mask") is None and kwargs["use_cache"] is False
+    # Every memory slot and target token once, in one row (fewer tokens than the row budget): no
+    # padding at all.
+    real_tokens = int(target_mask.sum()) + memory.shape[1] * target_ids.shape[0]
+    assert kwargs["inputs_embeds"].shape[:2] == kwargs["position_ids"].shape == (1, real_tokens)
 
 
 def bad_cases(decoder):
@@ -104,6 +115,7 @@ def bad_cases(decoder):
                             memory_index=memory_index[:0]), ValueError, "no targets"),
         "token-out-of-vocab": (dict(target_ids=torch.where(target_mask.bool(), 500, 0)), ValueError,
                                "token ids"),
+        "left-padded": (dict(target_mask=target_mask.flip(1)), ValueError, "right-padded"),
         "too-long": (dict(target_ids=long_ids, target_mask=torch.ones_like(long_ids)), ValueError,
                      "context"),
     }, dict(memory=memory, target_ids=target_ids, target_mask=target_mask,
@@ -147,12 +159,16 @@ def test_memory_norm_must_be_positive(tmp_path, bad):
         AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_norm=bad)
 
 
-def test_compress_in_length_groups_equals_each_text_alone(tmp_path):
-    """A batch mixing short and long texts runs in trimmed groups; every row's memory and gradient
-    must be what the row gives alone (no padding at all)."""
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layout):
+    """A batch mixing short and long texts, packed (in one row or several) or padded: every row's
+    memory and gradient must be what the row gives alone (no padding at all)."""
     from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
     from tiny_models import save_tiny_base
 
+    packed, row_tokens = LAYOUTS[layout]
+    if row_tokens is not None:
+        monkeypatch.setattr("autoregembed_fast.packing.PACKED_ROW_TOKENS", row_tokens)
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
     model = AutoRegEmbed.from_base(encoder, tokenizer, k=3)
     lengths = [4, 50, 2, 47, 3]
@@ -162,23 +178,32 @@ def test_compress_in_length_groups_equals_each_text_alone(tmp_path):
     for row, length in enumerate(lengths):
         ids[row, :length] = torch.randint(0, vocab, (length,))
         mask[row, :length] = 1
-    assert len(length_groups(mask.sum(dim=1), PASS_OVERHEAD_TOKENS)) == 2
     upstream = torch.randn(len(lengths), 3, model.hidden_size)
 
-    (model(ids, mask) * upstream).sum().backward()
-    grouped_memory = model(ids, mask).detach()
-    grouped_grad = encoder.get_input_embeddings().weight.grad.clone()
+    batch_memory = model(ids, mask, packed=packed)
+    (batch_memory * upstream).sum().backward()
+    batch_grad = encoder.get_input_embeddings().weight.grad.clone()
     encoder.zero_grad()
     alone = []
     for row, length in enumerate(lengths):
-        memory = model(ids[row : row + 1, :length], mask[row : row + 1, :length])
+        memory = model(ids[row : row + 1, :length], mask[row : row + 1, :length], packed=False)
         (memory * upstream[row]).sum().backward()
         alone.append(memory.detach())
-    assert torch.allclose(grouped_memory, torch.cat(alone), rtol=1e-5, atol=1e-5)
-    padded_memory = model(ids, mask, group_lengths=False).detach()
-    assert torch.allclose(padded_memory, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(batch_memory.detach(), torch.cat(alone), rtol=1e-5, atol=1e-5)
     alone_grad = encoder.get_input_embeddings().weight.grad
-    assert (grouped_grad - alone_grad).abs().max() <= 1e-5 * alone_grad.abs().max()
+    assert (batch_grad - alone_grad).abs().max() <= 1e-5 * alone_grad.abs().max()
+
+
+def test_compress_refuses_a_left_padded_batch(tmp_path):
+    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from tiny_models import save_tiny_base
+
+    encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
+    model = AutoRegEmbed.from_base(encoder, tokenizer, k=2)
+    ids = torch.randint(0, 50, (2, 4))
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="right-padded.*row 1"):
+        model(ids, mask)
 
 
 @pytest.mark.parametrize("decoder_dtype", [torch.float32, torch.bfloat16], ids=str)

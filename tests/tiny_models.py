@@ -1,6 +1,7 @@
 """Tiny random Hugging Face decoders for tests (built from a config; nothing comes from a hub)."""
 
 import torch
+import transformers
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
@@ -27,6 +28,56 @@ def tiny_gemma2(vocab_size=101, hidden_size=32, softcap=5.0):
         sliding_window=64,
     )
     return Gemma2ForCausalLM(config).eval().requires_grad_(False)
+
+
+# Tiny random members of every model family patch_model supports.
+VOCAB, HIDDEN = 97, 32
+COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def family_config(family):
+    """(model class, config) of a tiny random member of a family; built here, nothing from a hub."""
+    if family == "llama-untied":
+        return transformers.LlamaForCausalLM, transformers.LlamaConfig(**COMMON, tie_word_embeddings=False)
+    if family == "smollm":  # SmolLM/SmolLM2 are Llama models with tied embeddings
+        return transformers.LlamaForCausalLM, transformers.LlamaConfig(**COMMON, tie_word_embeddings=True)
+    if family == "mistral":
+        return transformers.MistralForCausalLM, transformers.MistralConfig(**COMMON, sliding_window=None)
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**COMMON)
+    if family == "qwen3":
+        return transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**COMMON, head_dim=8)
+    if family == "gemma2":
+        return transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+            **COMMON, head_dim=8, final_logit_softcapping=3.0, attn_logit_softcapping=None,
+            sliding_window=64)
+    if family == "gemma3":
+        return transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+            **COMMON, head_dim=8, final_logit_softcapping=3.0, sliding_window=64)
+    if family == "phi3":
+        return transformers.Phi3ForCausalLM, transformers.Phi3Config(**COMMON, pad_token_id=0)
+    raise ValueError(family)
+
+
+FAMILIES = ["gemma2", "gemma3", "llama-untied", "llama-head-bias", "mistral", "phi3", "qwen2", "qwen3",
+            "smollm"]
+
+
+def tiny_model(family, seed=0):
+    torch.manual_seed(seed)
+    if family == "llama-head-bias":
+        model_class, config = family_config("llama-untied")
+        model = model_class(config)
+        model.lm_head = torch.nn.Linear(HIDDEN, VOCAB, bias=True)
+        torch.nn.init.normal_(model.lm_head.bias, std=0.5)
+    else:
+        model_class, config = family_config(family)
+        model = model_class(config)
+    # Larger weights than the default init: the logits spread, so a wrong loss cannot hide in noise.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    return model.float()
 
 
 WORDS = ("a man woman child dog cat is are plays runs sits eats reads sleeps in on the park house "
