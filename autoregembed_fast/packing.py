@@ -45,22 +45,28 @@ class Packing:
 
 
 def packing_of(lengths: torch.Tensor, device, max_row_tokens: int | None = None) -> Packing:
-    """Packs sequences of the given lengths (each >= 1) into rows of at most max(max_row_tokens
-    (default `PACKED_ROW_TOKENS`), longest) tokens, longest first, each into the first row with room
-    (first-fit decreasing)."""
+    """Packs sequences of the given lengths (each >= 1) into as few rows as greedy balancing allows:
+    from the lower bound up, the first row count for which placing the sequences longest first,
+    each into the emptiest row, keeps every row within max(max_row_tokens (default
+    `PACKED_ROW_TOKENS`), longest) tokens. Balanced rows leave short tails and the shortest
+    rows (a row's attention costs its length squared)."""
     sizes = [int(n) for n in lengths.tolist()]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"packing needs sequences of at least one token, got lengths {sizes}")
     capacity = max(PACKED_ROW_TOKENS if max_row_tokens is None else max_row_tokens, max(sizes))
-    row, start, used = [0] * len(sizes), [0] * len(sizes), []
-    for b in sorted(range(len(sizes)), key=lambda b: -sizes[b]):
-        r = next((r for r, n in enumerate(used) if n + sizes[b] <= capacity), len(used))
-        if r == len(used):
-            used.append(0)
-        row[b], start[b] = r, used[r]
-        used[r] += sizes[b]
+    longest_first = sorted(range(len(sizes)), key=lambda b: -sizes[b])
+    n_rows = -(-sum(sizes) // capacity)
+    while True:  # ends by n_rows = len(sizes) at the latest: one sequence per row fits
+        row, start, used = [0] * len(sizes), [0] * len(sizes), [0] * n_rows
+        for b in longest_first:
+            r = min(range(n_rows), key=used.__getitem__)
+            row[b], start[b] = r, used[r]
+            used[r] += sizes[b]
+        if max(used) <= capacity:
+            break
+        n_rows += 1
     length = max(used)
-    position_ids = torch.empty(len(used), length, dtype=torch.long)
+    position_ids = torch.empty(n_rows, length, dtype=torch.long)
     for b, size in enumerate(sizes):
         position_ids[row[b], start[b] : start[b] + size] = torch.arange(size)
     for r, n in enumerate(used):

@@ -1,10 +1,9 @@
 """Benchmark of the token log-likelihood op: time, peak memory and error of each implementation.
 
-Each (implementation, mode) runs in a fresh subprocess, so its peak memory is its own, measured after
-a warm-up call: on CPU the peak RSS during the timed calls above the RSS before them (the kernel's
-high-water mark is reset there through /proc/self/clear_refs; glibc returns every freed block of
-64 KiB or more to the system, so the RSS follows live memory), on a GPU `max_memory_allocated` above
-the allocation before a call.
+Each (implementation, mode) runs in a fresh subprocess, so its peak memory is its own, measured on a
+call after warm-up: on CPU the peak RSS above the RSS before the call (`bench.memory.PeakRss`: the
+kernel's high-water mark reset, glibc made to return freed blocks), on a GPU `max_memory_allocated`
+above the allocation before the call.
 Times are medians after warm-up (`triton.testing.do_bench` on a GPU, perf_counter on CPU). The plain
 GEMMs of the same shape are timed in the same run as "gemm-floor" (1 GEMM for no-grad, 2 for a frozen
 head's forward + backward, 3 with a trainable head, per-token or as a scalar mean cross-entropy
@@ -274,16 +273,19 @@ def oracle_error(problem: Problem, mode: str, out, grad_hidden) -> float:
 
 
 def time_cpu(impl, problem, mode, repeats):
-    # Warm-up outside the memory window, as on the GPU: compilation, lazy imports (a custom op's first
-    # call imports torch._dynamo) and BLAS buffers are one-time costs of the process, not of the op.
-    run_once(impl, problem, mode)
+    run_once(impl, problem, mode)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run_once(impl, problem, mode)
+        times.append(time.perf_counter() - start)
+    # Memory of one more call, after the timing (PeakRss slows allocation down) and after warm-up, as
+    # on the GPU: compilation, lazy imports (a custom op's first call imports torch._dynamo) and BLAS
+    # buffers are one-time costs of the process, not of the op.
+    del result
     problem.hidden.grad = problem.weight.grad = None
     with PeakRss() as peak:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = run_once(impl, problem, mode)
-            times.append(time.perf_counter() - start)
+        result = run_once(impl, problem, mode)
     return statistics.median(times), peak.extra_bytes, result
 
 
@@ -347,11 +349,8 @@ def run_in_subprocess(impl_name, mode, args, dim, vocab) -> dict:
         "--dim", str(dim), "--vocab", str(vocab), "--dtype", args.dtype, "--repeats",
         str(args.repeats), "--device", args.device,
     ]
-    # glibc serves allocations from 64 KiB up by mmap and returns them on free, so the RSS follows
-    # the live memory (with its default dynamic threshold, freed blocks of up to 32 MiB stay resident
-    # and a later call reusing them would not show in the high-water mark).
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ["failed without a message"]
         return {"skipped": f"failed: {lines[-1][:200]}"}

@@ -119,11 +119,12 @@ def worker(style: str, steps: int) -> dict:
     first_loss = step()  # warm-up; it also allocates AdamW's state, which both styles share
     padded_fraction = 1 - tokens["real"] / tokens["processed"]
     times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
     with PeakRss() as peak:  # steady state: what one training step adds on top of model + optimizer
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+        step()
     seconds = statistics.median(times)
     return {"seconds_per_step": seconds, "triplets_per_s": BATCH / seconds,
             "peak_extra_bytes": peak.extra_bytes, "first_loss": first_loss,
