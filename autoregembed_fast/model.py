@@ -13,7 +13,12 @@ from torch.nn import functional as F
 
 from autoregembed_fast.data import EVAL_PROMPT
 from autoregembed_fast.ops import token_logprobs
-from autoregembed_fast.packing import packing_of, pack_sequences, unpack_sequences
+from autoregembed_fast.packing import (
+    check_packing_support,
+    pack_sequences,
+    packing_of,
+    unpack_sequences,
+)
 
 
 def lm_head_of(decoder):
@@ -84,6 +89,7 @@ def decoder_scoring_inputs(decoder, memory, target_ids, target_mask, memory_inde
     embeddings = decoder.get_input_embeddings()(torch.where(real, target_ids, 0))
     inputs = torch.cat([memory.index_select(0, memory_index).to(embeddings.dtype), embeddings], dim=1)
     if packed:
+        check_packing_support(decoder.base_model)
         packing = packing_of(n_memory + real.sum(dim=1).cpu(), real.device)
         hidden = decoder.base_model(inputs_embeds=pack_sequences(inputs, packing),
                                     position_ids=packing.position_ids, use_cache=False
@@ -258,6 +264,7 @@ class AutoRegEmbed(nn.Module):
         ids = torch.cat([input_ids, input_ids.new_zeros(batch, self.k)], dim=1)
         ids[rows, positions] = self.compress_ids.to(ids.device)
         if packed:
+            check_packing_support(self.encoder.base_model)
             packing = packing_of(lengths.cpu() + self.k, input_ids.device)
             hidden = self.encoder.base_model(input_ids=pack_sequences(ids, packing),
                                              position_ids=packing.position_ids, use_cache=False

@@ -7,6 +7,10 @@ attention mask becomes block-diagonal causal (varlen kernels with flash attentio
 gives every sequence exactly what it gets alone. Callers must pass ``use_cache=False``: with a cache
 the packing is not detected and sequences attend to each other.
 
+A model whose attention ignores that (custom modelling code, say) would let packed sequences see
+each other and give silently wrong states: `check_packing_support` probes each model once and
+raises instead.
+
 Rows hold at most `PACKED_ROW_TOKENS` tokens (or the longest sequence): with a dense
 block-diagonal mask (SDPA and eager attention) a row's attention costs its length squared, so one
 row of everything wastes more on masked-out products than padding did. Each row's unused tail is
@@ -96,3 +100,31 @@ def unpack_sequences(packed: torch.Tensor, packing: Packing, width: int) -> torc
     values = packed.new_zeros(len(packing.lengths), width, *packed.shape[2:])
     values[sequence, step] = packed[packing.row[sequence], packing.start[sequence] + step]
     return values
+
+
+def check_packing_support(base_model) -> None:
+    """Raises if `base_model` (a Hugging Face base model: embeddings + layers) lets packed sequences
+    attend to each other. Probed once per module with two packed sequences, the second repeating the
+    first's tokens: its states must be those of the same tokens alone."""
+    if getattr(base_model, "_autoregembed_packing_checked", False):
+        return
+    embeddings = base_model.get_input_embeddings()
+    tokens = torch.arange(3, device=embeddings.weight.device) % embeddings.weight.shape[0]
+    packing = packing_of(torch.tensor([3, 3]), tokens.device)
+    was_training = base_model.training
+    base_model.eval()  # no dropout in the comparison
+    try:
+        with torch.no_grad():
+            alone = base_model(input_ids=tokens[None], use_cache=False).last_hidden_state[0]
+            packed = base_model(input_ids=tokens.repeat(2)[None], position_ids=packing.position_ids,
+                                use_cache=False).last_hidden_state[0]
+    finally:
+        base_model.train(was_training)
+    difference = (packed[3:] - alone).float().norm() / alone.float().norm()
+    if not difference <= 1e-2:
+        raise ValueError(
+            f"{type(base_model).__name__} does not read restarting position_ids as packed sequences "
+            f"(a packed sequence's states differ from its states alone by {difference:.2g} "
+            "relative): run it padded (AutoRegEmbed.packed = False, score_targets(..., "
+            "packed=False)).")
+    base_model._autoregembed_packing_checked = True

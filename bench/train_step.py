@@ -114,10 +114,10 @@ def worker(style: str, steps: int) -> dict:
         inputs = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         tokens["processed"] += inputs.shape[0] * inputs.shape[1]
 
+    first_loss = step()  # warm-up; it also allocates AdamW's state, which both styles share
+    tokens.update(processed=0, real=0)
     for base_model in (model.encoder.base_model, decoder.base_model):
         base_model.register_forward_pre_hook(count_tokens, with_kwargs=True)
-    first_loss = step()  # warm-up; it also allocates AdamW's state, which both styles share
-    padded_fraction = 1 - tokens["real"] / tokens["processed"]
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -126,6 +126,7 @@ def worker(style: str, steps: int) -> dict:
     with PeakRss() as peak:  # steady state: what one training step adds on top of model + optimizer
         step()
     seconds = statistics.median(times)
+    padded_fraction = 1 - tokens["real"] / tokens["processed"]
     return {"seconds_per_step": seconds, "triplets_per_s": BATCH / seconds,
             "peak_extra_bytes": peak.extra_bytes, "first_loss": first_loss,
             "padded_fraction": padded_fraction}

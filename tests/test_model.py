@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from autoregembed_fast import score_targets, token_logprobs
+from autoregembed_fast.packing import check_packing_support
 from tiny_models import tiny_gemma2, tiny_llama
 
 DECODERS = {
@@ -78,6 +79,7 @@ def test_score_targets_matches_eager_logits_and_gradients(monkeypatch, decoder_n
 def test_score_targets_runs_the_decoder_once_packed_and_never_its_head(monkeypatch, lengths):
     decoder = tiny_llama()
     memory, target_ids, target_mask, memory_index = make_batch(decoder, lengths=LENGTHS[lengths])
+    check_packing_support(decoder.model)  # its probe runs the base model once per model, first
     calls = {"base": [], "head": 0}
     base_forward = decoder.model.forward
 

@@ -5,7 +5,12 @@ sequence run alone."""
 import pytest
 import torch
 
-from autoregembed_fast.packing import packing_of, pack_sequences, unpack_sequences
+from autoregembed_fast.packing import (
+    check_packing_support,
+    pack_sequences,
+    packing_of,
+    unpack_sequences,
+)
 from tiny_models import FAMILIES, VOCAB, family_config, tiny_model
 
 
@@ -88,3 +93,30 @@ def test_a_packed_pass_gives_every_sequence_what_it_gets_alone(family):
     hidden = unpack_sequences(hidden, packing, 9)
     for b, n in enumerate(lengths.tolist()):
         assert torch.allclose(hidden[b, :n], alone[b], rtol=1e-5, atol=1e-5), (family, b)
+
+
+def test_a_model_whose_attention_crosses_packed_sequences_is_refused(monkeypatch):
+    """Restarting position ids that the mask does not follow (what a model outside transformers'
+    masking utilities does): the probe sees the second sequence attend to the first and raises,
+    and score_targets with it, instead of scoring from mixed-up states."""
+    from autoregembed_fast import score_targets
+
+    monkeypatch.setattr("transformers.masking_utils.find_packed_sequence_indices", lambda *a: None)
+    decoder = tiny_model("smollm").eval()
+    with pytest.raises(ValueError, match="packed=False"):
+        check_packing_support(decoder.base_model)
+    memory = torch.randn(1, 2, decoder.config.hidden_size)
+    ids, mask, index = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([0])
+    with pytest.raises(ValueError, match="does not read restarting position_ids"):
+        score_targets(decoder, memory, ids, mask, index)
+    assert score_targets(decoder, memory, ids, mask, index, packed=False).shape == (1,)
+
+
+def test_the_packing_probe_runs_once_per_model(monkeypatch):
+    base = tiny_model("qwen2").base_model
+    calls = []
+    forward = base.forward
+    monkeypatch.setattr(base, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    check_packing_support(base)
+    check_packing_support(base)
+    assert len(calls) == 2  # alone + packed, once
