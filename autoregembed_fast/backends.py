@@ -2,9 +2,10 @@
 and recompute gradients (the contract is in `autoregembed_fast.ops`).
 
 - `CpuBackend`: the C++ driver (`csrc/token_logprobs_cpu.cpp`), chunked GEMM + vectorised epilogue.
-- `TritonBackend`: fused Triton kernels (`autoregembed_fast.kernels`); the frozen-head Jacobian either
-  by the chunked route (cuBLAS GEMMs around the Triton epilogue kernels, 2 GEMM-equivalents) or the
-  fused route (log-sum-exp kernel + recompute kernel, 3 GEMM-equivalents, no logits buffer at all).
+- `TritonBackend`: fused Triton kernels (`autoregembed_fast.kernels`); the frozen-head Jacobian and a
+  scalar loss's gradients either by the chunked route (cuBLAS GEMMs around the Triton epilogue
+  kernels: 2 and 3 GEMM-equivalents) or the fused route (log-sum-exp kernel + recompute kernel: 3
+  and 4 GEMM-equivalents, no logits buffer at all).
 - `CudaBackend`: the chunked route with the CUDA epilogue kernels of `csrc/logits_epilogue_cuda.cu`,
   for every path.
 """
@@ -22,6 +23,10 @@ GPU_LOGITS_BLOCK_BYTES = 48 * 2**20
 # Token rows per chunk on GPUs: >= ~300 keeps bf16 GEMMs compute-bound on an H100 (its FLOP/byte
 # ridge); 1024 rows leave chunks of 8k columns at V = 128k within the budget.
 GPU_MAX_BLOCK_ROWS = 1024
+# The one-sweep route for scalar losses holds whole vocabulary rows: 384 MiB of fp32 logits + bf16
+# coefficients are 523 rows at V = 128,256, past the ~300 that keep the GEMMs compute-bound (chosen
+# by that arithmetic; not yet measured on a GPU).
+GPU_SUMMED_BLOCK_BYTES = 384 * 2**20
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -206,27 +211,30 @@ class ChunkedRoute:
                                          need_head)
 
 
-JACOBIAN_ROUTES = ("chunked", "fused")
+TRITON_ROUTES = ("chunked", "fused")
 
 
 class TritonBackend:
-    """Fused Triton kernels. `jacobian` picks the frozen-head route: "chunked" (GEMM + Triton epilogue
-    + GEMM) or "fused" (log-sum-exp kernel, then the recompute kernel with unit upstream gradient)."""
+    """Fused Triton kernels. `route` picks how the frozen-head Jacobian and a scalar loss's gradients
+    are formed: "chunked" (cuBLAS GEMMs around the Triton epilogue kernels) or "fused" (the
+    log-sum-exp kernel, then the recompute kernel with a unit upstream gradient; no logits buffer)."""
 
     name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
-    def __init__(self, jacobian: str = "chunked"):
-        if jacobian not in JACOBIAN_ROUTES:
-            raise ValueError(f"jacobian must be one of {JACOBIAN_ROUTES}, got {jacobian!r}")
-        self.jacobian = jacobian
+    def __init__(self, route: str = "chunked", summed_block_bytes: int | None = None):
+        if route not in TRITON_ROUTES:
+            raise ValueError(f"route must be one of {TRITON_ROUTES}, got {route!r}")
+        self.route = route
+        self.summed_block_bytes = (GPU_SUMMED_BLOCK_BYTES if summed_block_bytes is None
+                                   else summed_block_bytes)
 
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
         from autoregembed_fast.kernels import logits_epilogue
         from autoregembed_fast.kernels.logits_backward import logits_backward
         from autoregembed_fast.kernels.lse_forward import lse_forward
 
-        if with_jacobian and self.jacobian == "chunked":
+        if with_jacobian and self.route == "chunked":
             return ChunkedRoute(logits_epilogue).forward(hidden, weight, bias, targets, softcap, True)
         lse, target_logit = lse_forward(hidden, weight, bias, targets, softcap)
         jacobian = None
@@ -243,8 +251,52 @@ class TritonBackend:
                                need_weight, need_bias)
 
     def summed_grads(self, hidden, weight, bias, targets, softcap, need_hidden, need_head):
-        return summed_grads_by_recompute(self, hidden, weight, bias, targets, softcap, need_hidden,
-                                         need_head)
+        if self.route == "fused":
+            return summed_grads_by_recompute(self, hidden, weight, bias, targets, softcap,
+                                             need_hidden, need_head)
+        return self._summed_grads_in_one_sweep(hidden, weight, bias, targets, softcap, need_hidden,
+                                               need_head)
+
+    def _summed_grads_in_one_sweep(self, hidden, weight, bias, targets, softcap, need_hidden,
+                                   need_head):
+        """3 GEMM-equivalents, as the CPU backend and Liger's fused linear cross-entropy: blocks of
+        token rows holding their whole vocabulary rows; per block the fp32 logits (cuBLAS), their
+        log-sum-exp (`online_softmax_chunk` over the one chunk, so it is final), the gradient
+        coefficients written over them (`grad_coefficients_chunk`), then G @ W and G^T @ H."""
+        from autoregembed_fast.kernels import logits_epilogue
+
+        targets = targets.contiguous()
+        n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+        stats = dict(dtype=torch.float32, device=hidden.device)
+        logp = torch.empty(n_tokens, **stats)
+        grad_hidden = torch.empty(hidden.shape, **stats) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, **stats) if need_head else None
+        grad_bias = torch.zeros(vocab_size, **stats) if need_head and bias is not None else None
+        bytes_per_logit = 4 + (weight.element_size() if weight.dtype in LOW_PRECISION else 0)
+        rows = min(GPU_MAX_BLOCK_ROWS,
+                   block_rows_for_budget(vocab_size, bytes_per_logit, self.summed_block_bytes))
+        every_column = slice(None)
+        for row_start in range(0, n_tokens, rows):
+            block = slice(row_start, min(row_start + rows, n_tokens))
+            block_rows = block.stop - row_start
+            logits = ChunkedRoute._chunk_logits(hidden[block], weight, bias, every_column)
+            running_max = torch.full((block_rows,), float("-inf"), **stats)
+            running_sumexp = torch.zeros(block_rows, **stats)
+            target_logit = torch.zeros(block_rows, **stats)
+            logits_epilogue.online_softmax_chunk(logits, targets[block], 0, softcap, running_max,
+                                                 running_sumexp, target_logit)
+            lse = running_max + torch.log(running_sumexp)
+            logp[block] = target_logit - lse
+            coeff = ChunkedRoute._weights_buffer(logits, weight)
+            logits_epilogue.grad_coefficients_chunk(logits, targets[block], 0, softcap, lse,
+                                                    torch.ones_like(lse), coeff, logits_capped=True)
+            if need_hidden:
+                grad_hidden[block] = fp32_gemm(coeff, weight)
+            if need_head:
+                grad_weight += fp32_gemm(coeff.t(), hidden[block])
+            if grad_bias is not None:
+                grad_bias += coeff.float().sum(dim=0)
+        return logp, grad_hidden, grad_weight, grad_bias
 
 
 def cuda_extension_available() -> bool:

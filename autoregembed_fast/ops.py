@@ -12,7 +12,8 @@ inputs (ignored tokens already removed):
   recompute backward used when the head is trainable.
 - ``summed_grads(hidden, weight, bias, targets, softcap, need_hidden, need_head)`` -> ``(logp,
   grad_hidden | None, grad_weight | None, grad_bias | None)``: the gradients of ``sum(logp)``, formed
-  in the forward sweep where the backend can (CPU: 3 GEMMs, no recompute).
+  in the forward sweep where the backend can (CPU and the `triton` backend's chunked route: 3
+  GEMM-equivalents, no recompute; the others recompute with a unit upstream gradient).
 
 Inputs reach the backends as the views the user passed (transposed, sliced, offset storage: any
 strides); each backend reads them through their strides or copies what is cheap to copy:
@@ -360,8 +361,8 @@ def _pick_backend(backend: str, device: torch.device, dtype: torch.dtype):
         )
     impl = {
         "cpu": backends.CpuBackend,
-        "triton": lambda: backends.TritonBackend(jacobian="chunked"),
-        "triton-fused": lambda: backends.TritonBackend(jacobian="fused"),
+        "triton": lambda: backends.TritonBackend(route="chunked"),
+        "triton-fused": lambda: backends.TritonBackend(route="fused"),
         "cuda": backends.CudaBackend,
     }[backend]()
     if dtype not in impl.dtypes:

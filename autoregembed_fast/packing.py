@@ -104,27 +104,32 @@ def unpack_sequences(packed: torch.Tensor, packing: Packing, width: int) -> torc
 
 def check_packing_support(base_model) -> None:
     """Raises if `base_model` (a Hugging Face base model: embeddings + layers) lets packed sequences
-    attend to each other. Probed once per module with two packed sequences, the second repeating the
-    first's tokens: its states must be those of the same tokens alone."""
+    attend to each other. Probed once per module: the same second sequence packed after two
+    different first ones must get the same states. Both passes have the same shapes and kernels, so
+    without leakage they agree to rounding noise at most, whatever the dtype; a leak moves them by
+    percents even in a tiny random model."""
     if getattr(base_model, "_autoregembed_packing_checked", False):
         return
     embeddings = base_model.get_input_embeddings()
-    tokens = torch.arange(3, device=embeddings.weight.device) % embeddings.weight.shape[0]
-    packing = packing_of(torch.tensor([3, 3]), tokens.device)
+    device, vocab_size = embeddings.weight.device, embeddings.weight.shape[0]
+    steps = torch.arange(16, device=device)
+    second = torch.arange(3, device=device) % vocab_size
+    packing = packing_of(torch.tensor([16, 3]), device, max_row_tokens=19)  # one row
     was_training = base_model.training
     base_model.eval()  # no dropout in the comparison
     try:
         with torch.no_grad():
-            alone = base_model(input_ids=tokens[None], use_cache=False).last_hidden_state[0]
-            packed = base_model(input_ids=tokens.repeat(2)[None], position_ids=packing.position_ids,
-                                use_cache=False).last_hidden_state[0]
+            states = [base_model(input_ids=torch.cat([first % vocab_size, second])[None],
+                                 position_ids=packing.position_ids, use_cache=False
+                                 ).last_hidden_state[0, 16:].float()
+                      for first in (7 * steps + 3, 11 * steps + 5)]
     finally:
         base_model.train(was_training)
-    difference = (packed[3:] - alone).float().norm() / alone.float().norm()
-    if not difference <= 1e-2:
+    difference = (states[0] - states[1]).norm() / states[1].norm()
+    if not difference <= 1e-3:
         raise ValueError(
             f"{type(base_model).__name__} does not read restarting position_ids as packed sequences "
-            f"(a packed sequence's states differ from its states alone by {difference:.2g} "
-            "relative): run it padded (AutoRegEmbed.packed = False, score_targets(..., "
+            f"(a packed sequence's states change by {difference:.2g} relative with the sequence "
+            "packed before it): run it padded (AutoRegEmbed.packed = False, score_targets(..., "
             "packed=False)).")
     base_model._autoregembed_packing_checked = True

@@ -14,7 +14,9 @@ row streams over its Vc logits.
   the error proportional to the gradient when the softmax is peaked (a confident token), as in eager
   autograd. 2 GEMM-equivalents in all, and only one chunk of logits in memory, whatever V is.
 - `grad_coefficients_chunk` (recompute backward, log-sum-exp known): writes
-  g * (onehot(target) - exp(z - lse)) * softcap'(z) for the raw logits z of the chunk.
+  g * (onehot(target) - exp(z - lse)) * softcap'(z) for the raw logits z of the chunk. The trainable
+  head's one-sweep route for scalar losses runs it right after `online_softmax_chunk` on a block
+  holding whole vocabulary rows (logits already capped, lse final).
 """
 
 import triton
@@ -73,6 +75,7 @@ def _online_softmax_chunk_kernel(
 def _grad_coefficients_chunk_kernel(
     logits_ptr, coeff_ptr, targets_ptr, lse_ptr, grad_ptr, Vc, col_offset, stride_logits,
     stride_coeff, stride_t, softcap, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    LOGITS_CAPPED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits
@@ -83,7 +86,9 @@ def _grad_coefficients_chunk_kernel(
     for v_start in range(0, Vc, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
         col_mask = cols < Vc
-        z = apply_softcap(tl.load(logits_row + cols, mask=col_mask, other=0.0), softcap, HAS_SOFTCAP)
+        z = tl.load(logits_row + cols, mask=col_mask, other=0.0)
+        if not LOGITS_CAPPED:
+            z = apply_softcap(z, softcap, HAS_SOFTCAP)
         onehot = tl.where(cols == target, 1.0, 0.0)
         coeff = grad * (onehot - tl.exp(z - lse)) * softcap_slope(z, softcap, HAS_SOFTCAP)
         tl.store(coeff_row + cols, coeff, mask=col_mask)
@@ -117,9 +122,12 @@ def online_softmax_chunk(logits, targets, col_offset, softcap, running_max, runn
         )
 
 
-def grad_coefficients_chunk(logits, targets, col_offset, softcap, lse, grad_logp, coeff_out):
+def grad_coefficients_chunk(logits, targets, col_offset, softcap, lse, grad_logp, coeff_out,
+                            logits_capped=False):
     """Recompute-backward step over raw logits [R, Vc] fp32 for columns [col_offset, col_offset + Vc):
-    writes grad_logp * (onehot(target) - exp(capped - lse)) * softcap' into coeff_out [R, Vc]."""
+    writes grad_logp * (onehot(target) - exp(capped - lse)) * softcap' into coeff_out [R, Vc] (may be
+    `logits`). With `logits_capped` the logits are already capped (as `online_softmax_chunk` leaves
+    them): the cap is not applied again, its slope still is."""
     rows, chunk = logits.shape
     if rows == 0:
         return
@@ -127,5 +135,5 @@ def grad_coefficients_chunk(logits, targets, col_offset, softcap, lse, grad_logp
         _grad_coefficients_chunk_kernel[(rows,)](
             logits, coeff_out, targets, lse, grad_logp, chunk, col_offset, logits.stride(0),
             coeff_out.stride(0), targets.stride(0), float(softcap or 0.0), BLOCK_V=_block_v(),
-            HAS_SOFTCAP=softcap is not None, num_warps=8,
+            HAS_SOFTCAP=softcap is not None, LOGITS_CAPPED=logits_capped, num_warps=8,
         )

@@ -171,6 +171,30 @@ def test_chunked_route_in_many_chunks(dtype, softcap):
 
 
 @needs_kernel_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)],
+                         ids=["both", "hidden", "head"])
+def test_one_sweep_summed_gradients_in_many_blocks(dtype, softcap, need):
+    """The triton backend's one-sweep route for scalar losses in row blocks of 4 tokens holding all
+    130 vocabulary columns (18 = 4 * 4 + 2): log p and the gradients of sum(log p), in one pass."""
+    hidden, weight, bias, targets = random_problem(18, 24, 130, dtype)
+    bytes_per_logit = 4 if dtype == torch.float32 else 6
+    backend = backends.TritonBackend(summed_block_bytes=4 * 130 * bytes_per_logit + 5)
+    logp, *grads = backend.summed_grads(hidden, weight, bias, targets, softcap, *need)
+    expected_logp = token_logprobs_oracle(hidden, weight, targets, bias, softcap=softcap)
+    assert (logp.double() - expected_logp).abs().max() <= 1e-5 * expected_logp.abs().max()
+    expected = oracle_grads(hidden, weight, targets, torch.ones(18, device=KERNEL_DEVICE), bias,
+                            softcap=softcap)
+    rel = 1e-4 if dtype == torch.float32 else 2 ** -7  # bf16 coefficients feed the GEMMs
+    for needed, actual, want in zip((need[0], need[1], need[1]), grads, expected):
+        if needed:
+            assert (actual.double() - want).abs().max() <= rel * want.abs().max()
+        else:
+            assert actual is None
+
+
+@needs_kernel_device
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, True), (True, True, False)],
                          ids=["hidden", "weight+bias", "hidden+weight"])
 def test_recompute_backward_selected_outputs(need):
@@ -432,8 +456,8 @@ def aot_variants():
             logits_epilogue._grad_coefficients_chunk_kernel,
             {"logits_ptr": "*fp32", "coeff_ptr": ptr, "lse_ptr": "*fp32", "grad_ptr": "*fp32",
              "stride_coeff": "i32", **epilogue},
-            {"stride_t": UNIT_STRIDE, "BLOCK_V": logits_epilogue.GPU_BLOCK_V, "HAS_SOFTCAP": True},
-            8, 3, False)
+            {"stride_t": UNIT_STRIDE, "BLOCK_V": logits_epilogue.GPU_BLOCK_V, "HAS_SOFTCAP": True,
+             "LOGITS_CAPPED": False}, 8, 3, False)
     return variants
 
 
