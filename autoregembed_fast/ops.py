@@ -479,10 +479,11 @@ def summed_token_logprobs(
     the forward sweep and the backward only scales them. On the CPU backend and the `triton`
     backend that makes a trainable head cost 3 GEMM-equivalents (logits, grad_hidden, grad_weight)
     instead of the recompute path's 4; `triton-fused` and `cuda` run their lse sweep and recompute
-    inside the forward (the per-token path's cost). The gradients of the inputs that need one are held from the forward to the
-    backward ([N, d] and [V, d] in the accumulation dtype) and scaled there in place, so it cannot be
-    backpropagated twice (``retain_graph=True`` raises). Same arguments, dtypes and errors as
-    `token_logprobs`; without gradients (or with ``backend="reference"``) it is that sum.
+    inside the forward (the per-token path's cost). The gradients of the inputs that need one are
+    held from the forward to the backward ([N, d] and [V, d] in the accumulation dtype) and scaled
+    there in place, so it cannot be backpropagated twice (``retain_graph=True`` raises). Same
+    arguments, dtypes and errors as `token_logprobs`; without gradients (or with
+    ``backend="reference"``) it is that sum.
     """
     flat_hidden, weight, bias, flat_targets, softcap = _validate(
         hidden, weight, targets, bias, ignore_index, softcap, backend
