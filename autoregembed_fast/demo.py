@@ -24,15 +24,9 @@ from pathlib import Path
 import torch
 
 from autoregembed_fast import evaluate, train
-from autoregembed_fast.data import ALIGNMENT_FIELDS, FIXED_INSTRUCTION, Tokenization, compression_batch, read_jsonl
-from autoregembed_fast.model import (
-    AutoRegEmbed,
-    decoder_scoring_inputs,
-    frozen_decoder,
-    load_causal_lm,
-    load_encoder,
-)
-from autoregembed_fast.ops import token_logprobs
+from autoregembed_fast.data import ALIGNMENT_FIELDS, FIXED_INSTRUCTION, read_jsonl
+from autoregembed_fast.model import frozen_decoder, load_causal_lm, load_encoder
+from autoregembed_fast.reconstruction import reconstruction_nlls
 
 # 800 NLI triplets shipped with the repository (origin and licence: examples/data/README.md).
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "medi_nli_train.jsonl"
@@ -46,34 +40,6 @@ def write_jsonl(path: Path, rows) -> Path:
 def compression_rows(triplets):
     sentences = sorted({row[field] for row in triplets for field in ("query", "pos", "neg")})
     return [{"context": s, "instruction": FIXED_INSTRUCTION, "output": s} for s in sentences]
-
-
-@torch.no_grad()
-def reconstruction_nlls(model: AutoRegEmbed, decoder, rows, batch_size=16) -> dict:
-    """Mean per-token NLL (nats) of regenerating each sentence under the frozen decoder
-    - "own": from its own memory (what stage 1 trains);
-    - "other": from the memory of another sentence, the one half the list away (a demo's rows are
-      sorted, so neighbours often share their first words);
-    - "none": from no memory: the decoder alone, reading "<bos> sentence".
-    Compression is the gap between "own" and the other two."""
-    settings = Tokenization()
-    batches = [compression_batch(model.tokenizer, rows[start : start + batch_size], settings)
-               for start in range(0, len(rows), batch_size)]
-    memory = torch.cat([model(b["input_ids"], b["attention_mask"]) for b in batches])
-    bos = decoder.get_input_embeddings().weight[model.tokenizer.bos_token_id]
-    totals, count, start = {"own": 0.0, "other": 0.0, "none": 0.0}, 0, 0
-    for batch in batches:
-        own = torch.arange(start, start + batch["target_ids"].shape[0])
-        start += len(own)
-        sources = {"own": (memory, own), "other": (memory, (own + len(rows) // 2) % len(rows)),
-                   "none": (bos[None, None, :], torch.zeros_like(own))}
-        for name, (memories, index) in sources.items():
-            hidden, labels, weight, bias, softcap = decoder_scoring_inputs(
-                decoder, memories, batch["target_ids"], batch["target_mask"], index)
-            totals[name] -= token_logprobs(hidden, weight, labels, bias=bias,
-                                           softcap=softcap).sum().item()
-        count += int(batch["target_mask"].sum())
-    return {name: total / count for name, total in totals.items()}
 
 
 def nlls_of(encoder_spec: str, decoder, rows) -> dict:

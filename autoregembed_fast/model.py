@@ -108,6 +108,16 @@ def decoder_scoring_inputs(decoder, memory, target_ids, target_mask, memory_inde
     return scoring_hidden, torch.where(real, target_ids, -100), weight, bias, softcap
 
 
+def memory_for_decoder(decoder, memory: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """The prefix the frozen decoder reads before a target: the memory [B, k, d] itself (the released
+    layout), or with `bos_id` the decoder's embedding of that token first, [B, 1 + k, d], so that
+    no memory vector sits at position 0 (where a causal LM's attention sink is)."""
+    if bos_id is None:
+        return memory
+    bos = decoder.get_input_embeddings().weight[bos_id].to(memory.dtype)
+    return torch.cat([bos.expand(memory.shape[0], 1, memory.shape[2]), memory], dim=1)
+
+
 def score_targets(
     decoder,
     memory: torch.Tensor,
@@ -208,10 +218,14 @@ class AutoRegEmbed(nn.Module):
     the norm of the decoder's input embeddings (48 vs 3.2 for SmolLM2-135M); rescaling them to the
     embeddings' mean norm (`embedding_norm`) lets stage 1 start from a prefix the decoder can read
     (NOTES.md: stage-1 loss after 10 steps 8.3 instead of 14).
+
+    `bos_before_memory` (off by default, as in the released method): the frozen decoder reads
+    `[bos ; memory ; target]` instead of `[memory ; target]` (`memory_for_decoder`); a setting of
+    the trained model, so stage 2, the reference scores and the evaluation read it from here.
     """
 
     def __init__(self, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT,
-                 memory_norm: float | None = None):
+                 memory_norm: float | None = None, bos_before_memory: bool = False):
         super().__init__()
         if memory_norm is not None and not memory_norm > 0:
             raise ValueError(f"memory_norm must be positive or None, got {memory_norm!r}")
@@ -224,6 +238,9 @@ class AutoRegEmbed(nn.Module):
         self.k = k
         self.prompt = prompt
         self.memory_norm = memory_norm
+        if bos_before_memory and tokenizer.bos_token_id is None:
+            raise ValueError("bos_before_memory needs a tokenizer with a bos token")
+        self.bos_before_memory = bos_before_memory
         self.register_buffer("compress_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         # The encoder's own LM head is never used (memory = hidden states): an untied one is frozen so
         # that DDP and the optimizer do not wait for gradients it cannot get.
@@ -233,13 +250,18 @@ class AutoRegEmbed(nn.Module):
 
     @classmethod
     def from_base(cls, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT,
-                  memory_norm: float | None = None):
+                  memory_norm: float | None = None, bos_before_memory: bool = False):
         """Adds the k compress tokens to the tokenizer and the encoder's embeddings."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         tokenizer.add_special_tokens({"additional_special_tokens": [compress_token(i) for i in range(k)]})
         encoder.resize_token_embeddings(len(tokenizer))
-        return cls(encoder, tokenizer, k, prompt, memory_norm)
+        return cls(encoder, tokenizer, k, prompt, memory_norm, bos_before_memory)
+
+    @property
+    def decoder_bos_id(self) -> int | None:
+        """The token the decoder reads before the memory (`memory_for_decoder`), or None."""
+        return self.tokenizer.bos_token_id if self.bos_before_memory else None
 
     @property
     def hidden_size(self) -> int:
@@ -313,7 +335,8 @@ class AutoRegEmbed(nn.Module):
         self.encoder.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         (directory / CONFIG_FILE).write_text(json.dumps(
-            {"k": self.k, "prompt": self.prompt, "memory_norm": self.memory_norm}, indent=2))
+            {"k": self.k, "prompt": self.prompt, "memory_norm": self.memory_norm,
+             "bos_before_memory": self.bos_before_memory}, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory):
@@ -325,7 +348,7 @@ class AutoRegEmbed(nn.Module):
         config = json.loads((directory / CONFIG_FILE).read_text())
         encoder = AutoModelForCausalLM.from_pretrained(directory)
         return cls(encoder, AutoTokenizer.from_pretrained(directory), config["k"], config["prompt"],
-                   config.get("memory_norm"))
+                   config.get("memory_norm"), config.get("bos_before_memory", False))
 
 
 def embedding_norm(model) -> float:

@@ -19,14 +19,16 @@ from autoregembed_fast.data import (
     target_ids,
 )
 from autoregembed_fast.losses import AlignmentLoss, CompressionLoss
-from autoregembed_fast.model import decoder_scoring_inputs, lm_head_of, score_targets
+from autoregembed_fast.model import decoder_scoring_inputs, lm_head_of, memory_for_decoder, score_targets
 
 
 class CompressionObjective:
-    """Stage 1: token cross-entropy of output + [eos] given the memory of context + instruction."""
+    """Stage 1: token cross-entropy of output + [eos] given the memory of context + instruction.
+    `decoder_bos_id`: the token the decoder reads before the memory (`AutoRegEmbed.decoder_bos_id`)."""
 
-    def __init__(self, decoder, tokenizer, settings: Tokenization, rows):
+    def __init__(self, decoder, tokenizer, settings: Tokenization, rows, decoder_bos_id=None):
         self.decoder, self.tokenizer, self.settings, self.rows = decoder, tokenizer, settings, rows
+        self.decoder_bos_id = decoder_bos_id
         self.target_lengths = [len(target_ids(tokenizer, row["output"], settings)) for row in rows]
         self.loss = CompressionLoss(shift=False, reduction="sum", softcap=lm_head_of(decoder)[2])
 
@@ -36,7 +38,8 @@ class CompressionObjective:
     def __call__(self, model, rows, device):
         data = [self.rows[i] for i in rows]
         batch = {k: v.to(device) for k, v in compression_batch(self.tokenizer, data, self.settings).items()}
-        memory = model(batch["input_ids"], batch["attention_mask"])
+        memory = memory_for_decoder(self.decoder, model(batch["input_ids"], batch["attention_mask"]),
+                                    self.decoder_bos_id)
         index = torch.arange(len(rows), device=device)
         hidden, labels, weight, bias, _ = decoder_scoring_inputs(
             self.decoder, memory, batch["target_ids"], batch["target_mask"], index)
@@ -54,13 +57,14 @@ class AlignmentObjective:
     pos | M_query, pos | M_pos and every neg | M_query, the alignment loss against cached references.
     With `detach_self_score`, s_pp = log p(pos | M_pos) is a constant target for s_qp: the alignment
     term then moves the query's memory only, and cannot be met by making the positive's own
-    reconstruction worse."""
+    reconstruction worse. `decoder_bos_id`: as in `CompressionObjective`."""
 
     def __init__(self, decoder, tokenizer, settings, loss: AlignmentLoss, references, average,
-                 detach_self_score: bool = False):
+                 detach_self_score: bool = False, decoder_bos_id=None):
         self.decoder, self.tokenizer, self.settings = decoder, tokenizer, settings
         self.loss, self.references, self.average = loss, references, average
         self.detach_self_score = detach_self_score
+        self.decoder_bos_id = decoder_bos_id
 
     def count(self, rows) -> int:
         return len(rows)
@@ -69,7 +73,8 @@ class AlignmentObjective:
         batch = alignment_batch(self.tokenizer, [self.references.rows[i] for i in rows], self.settings)
         n_negatives = batch.pop("n_negatives")
         batch = {k: v.to(device) for k, v in batch.items()}
-        memory = model(batch["input_ids"], batch["attention_mask"])
+        memory = memory_for_decoder(self.decoder, model(batch["input_ids"], batch["attention_mask"]),
+                                    self.decoder_bos_id)
         scores = sequence_scores(self.decoder, memory, batch, self.average)
         s_qp, s_pp, s_qn = split_alignment_scores(scores.float(), len(rows), n_negatives)
         if self.detach_self_score:

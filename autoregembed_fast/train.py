@@ -48,6 +48,7 @@ from autoregembed_fast.model import (
     frozen_decoder,
     load_causal_lm,
     load_encoder,
+    memory_for_decoder,
 )
 from autoregembed_fast.objectives import (
     AlignmentObjective,
@@ -73,7 +74,8 @@ def compute_references(args, cluster: Cluster) -> None:
         batch = alignment_batch(model.tokenizer, chunk, settings, self_score=False)
         n_negatives = batch.pop("n_negatives")
         batch = {k: v.to(cluster.device) for k, v in batch.items()}
-        memory = model(batch["input_ids"], batch["attention_mask"])
+        memory = memory_for_decoder(decoder, model(batch["input_ids"], batch["attention_mask"]),
+                                    model.decoder_bos_id)
         scores = sequence_scores(decoder, memory, batch, args.average_logprobs)
         s_qp, _, s_qn = split_alignment_scores(scores.float().cpu(), len(chunk), n_negatives,
                                                self_score=False)
@@ -116,10 +118,12 @@ def command_compress(args) -> None:
     # fp32 master weights (run_training).
     decoder = frozen_decoder(copy.deepcopy(base), args.gradient_checkpointing).to(cluster.device)
     memory_norm = embedding_norm(base) if args.memory_norm == "embedding" else args.memory_norm
-    model = AutoRegEmbed.from_base(base, tokenizer, args.k, memory_norm=memory_norm)
+    model = AutoRegEmbed.from_base(base, tokenizer, args.k, memory_norm=memory_norm,
+                                   bos_before_memory=args.bos_before_memory)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.encoder)
-    objective = CompressionObjective(decoder, tokenizer, tokenization_of(args), rows)
+    objective = CompressionObjective(decoder, tokenizer, tokenization_of(args), rows,
+                                     model.decoder_bos_id)
     run_training(args, cluster, model, objective, len(rows))
 
 
@@ -143,7 +147,7 @@ def command_align(args) -> None:
         loss = AlignmentLoss(args.beta, args.temperature, args.reference_sign)
         objective = AlignmentObjective(decoder.to(cluster.device), model.tokenizer, settings, loss,
                                        references, args.average_logprobs,
-                                       args.detach_self_score)
+                                       args.detach_self_score, model.decoder_bos_id)
     run_training(args, cluster, model, objective, len(rows))
 
 
@@ -212,6 +216,9 @@ def parse_args(argv=None):
     compress.add_argument("--memory-norm", type=memory_norm_setting, default="none",
                           help='rescale each memory vector to this L2 norm: "none" (the released '
                                'method), "embedding" (the mean norm of the input embeddings) or a number')
+    compress.add_argument("--bos-before-memory", action="store_true",
+                          help="the decoder reads [bos ; memory ; target] instead of the released "
+                               "[memory ; target] (a setting of the saved model: stage 2 reads it)")
     add_common(compress, training=True)
 
     reference = commands.add_parser("reference", help="reference scores of the stage-1 model")

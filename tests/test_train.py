@@ -287,6 +287,61 @@ def test_compress_with_memory_norm_keeps_it_through_save_and_load(workspace):
                           rtol=1e-5)
 
 
+def test_bos_before_memory_is_a_setting_of_the_saved_model(workspace, tmp_path):
+    """`compress --bos-before-memory` saves the layout with the model; its stage-1 loss is the
+    decoder's own cross-entropy on [bos ; memory ; text], and `reference` reads the layout from the
+    saved model (a cached score equals the target scored alone after bos + memory)."""
+    from torch.nn import functional as F
+
+    from autoregembed_fast import score_targets
+    from autoregembed_fast.data import Tokenization, compression_batch, read_alignment_rows, read_jsonl
+    from autoregembed_fast.data import COMPRESSION_FIELDS, encoder_ids, instruction_for, target_ids
+    from autoregembed_fast.model import frozen_decoder, load_causal_lm, memory_for_decoder
+    from autoregembed_fast.objectives import CompressionObjective
+
+    out = tmp_path / "stage1"
+    train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+                "--output", str(out), "--batch-size", "4", "--steps", "2", "--lr", "1e-3",
+                "--bos-before-memory"])
+    model = AutoRegEmbed.from_pretrained(out / "model").eval()
+    assert model.bos_before_memory and model.decoder_bos_id == model.tokenizer.bos_token_id
+    decoder = frozen_decoder(load_causal_lm(str(workspace["base"]))[0])
+    embed = decoder.get_input_embeddings()
+
+    rows = read_jsonl(workspace["stage1"], COMPRESSION_FIELDS)
+    objective = CompressionObjective(decoder, model.tokenizer, Tokenization(), rows,
+                                     model.decoder_bos_id)
+    with torch.no_grad():
+        loss, count = objective(model, [0, 1, 2], torch.device("cpu"))
+        batch = compression_batch(model.tokenizer, rows[:3], Tokenization())
+        memory = model(batch["input_ids"], batch["attention_mask"])
+        expected = 0.0
+        for i in range(3):
+            target = batch["target_ids"][i][batch["target_mask"][i].bool()]
+            inputs = torch.cat([embed.weight[model.tokenizer.bos_token_id][None], memory[i],
+                                embed(target)])[None]
+            logits = decoder(inputs_embeds=inputs).logits[0, model.k : -1]
+            expected += F.cross_entropy(logits.double(), target, reduction="sum").item()
+    assert count == int(batch["target_mask"].sum())
+    assert abs(loss.item() - expected) <= 1e-5 * expected
+
+    scores = tmp_path / "reference.pt"
+    train.main(["reference", "--encoder", str(out / "model"), "--decoder", str(workspace["base"]),
+                "--data", str(workspace["stage2"]), "--output", str(scores), "--batch-size", "5"])
+    row = read_alignment_rows(workspace["stage2"])[0]
+    settings = Tokenization()
+    ids = torch.tensor([encoder_ids(model.tokenizer, row["query"], instruction_for(row, settings),
+                                    settings)])
+    tokens = torch.tensor([target_ids(model.tokenizer, row["pos"], settings)])
+    with torch.no_grad():
+        memory = model(ids, torch.ones_like(ids))
+        alone = [score_targets(decoder, prefix, tokens, torch.ones_like(tokens), torch.tensor([0]))
+                 for prefix in (memory_for_decoder(decoder, memory, model.decoder_bos_id), memory)]
+    cached = torch.load(scores)["positive"][0]
+    assert torch.allclose(cached, alone[0][0], rtol=1e-5, atol=1e-5)
+    assert abs(cached - alone[1][0]) > 0.01  # without bos: a different score (the tiny model's gap)
+
+
 @pytest.mark.parametrize("bad", ["0", "-1", "nan", "large"])
 def test_compress_rejects_a_bad_memory_norm(workspace, bad, capsys):
     with pytest.raises(SystemExit):

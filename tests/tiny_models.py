@@ -106,12 +106,18 @@ def random_sentence(generator, length=6):
     return " ".join(WORDS[i] for i in picks)
 
 
-def save_tiny_base(directory, hidden_size=32, layers=2):
-    """A tiny Llama + tokenizer saved as a Hugging Face model directory."""
+def save_tiny_base(directory, hidden_size=32, layers=2, weight_scale=1.0):
+    """A tiny Llama + tokenizer saved as a Hugging Face model directory. `weight_scale` multiplies
+    every weight matrix: at the default init (std 0.02) the logits hardly depend on the input, so a
+    decoder that must read its input (memory capacity) needs sharper ones."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     model = tiny_llama(vocab_size=len(tokenizer), hidden_size=hidden_size, layers=layers,
                        max_positions=256)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(weight_scale)
     model.requires_grad_(True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
