@@ -242,6 +242,11 @@ class AutoRegEmbed(nn.Module):
             raise ValueError("bos_before_memory needs a tokenizer with a bos token")
         self.bos_before_memory = bos_before_memory
         self.register_buffer("compress_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        # The k compress-token embeddings live apart from the encoder's embedding matrix (whose
+        # rows for them are then unused) so that they can train at a learning rate of their own
+        # (`--compress-token-lr`); `save_pretrained` writes them back into those rows.
+        embedding = encoder.get_input_embeddings().weight
+        self.compress_embeddings = nn.Parameter(embedding.detach()[self.compress_ids].clone())
         # The encoder's own LM head is never used (memory = hidden states): an untied one is frozen so
         # that DDP and the optimizer do not wait for gradients it cannot get.
         head = encoder.get_output_embeddings()
@@ -285,18 +290,23 @@ class AutoRegEmbed(nn.Module):
         rows = torch.arange(batch, device=input_ids.device)[:, None]
         ids = torch.cat([input_ids, input_ids.new_zeros(batch, self.k)], dim=1)
         ids[rows, positions] = self.compress_ids.to(ids.device)
+        embeddings = self.encoder.get_input_embeddings()(ids)
+        # The compress tokens' embeddings are their own parameter (an optimizer group of their own).
+        embeddings = embeddings.index_put(
+            (rows.expand(batch, self.k), positions),
+            self.compress_embeddings.to(embeddings.dtype).expand(batch, self.k, -1))
         if packed:
             check_packing_support(self.encoder.base_model)
             packing = packing_of(lengths.cpu() + self.k, input_ids.device)
-            hidden = self.encoder.base_model(input_ids=pack_sequences(ids, packing),
+            hidden = self.encoder.base_model(inputs_embeds=pack_sequences(embeddings, packing),
                                              position_ids=packing.position_ids, use_cache=False
                                              ).last_hidden_state
             memory = hidden[packing.locate(positions)]
         else:
             mask = torch.cat([attention_mask, attention_mask.new_zeros(batch, self.k)], dim=1)
             mask[rows, positions] = 1
-            hidden = self.encoder.base_model(input_ids=ids, attention_mask=mask, use_cache=False
-                                             ).last_hidden_state
+            hidden = self.encoder.base_model(inputs_embeds=embeddings, attention_mask=mask,
+                                             use_cache=False).last_hidden_state
             memory = hidden[rows, positions]
         if self.memory_norm is not None:
             memory = F.normalize(memory, dim=-1) * self.memory_norm
@@ -329,9 +339,18 @@ class AutoRegEmbed(nn.Module):
         parameters are sharded (FSDP2 gathers it to rank 0), instead of the live parameters."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if state_dict is not None:
-            state_dict = {key.removeprefix("encoder."): value for key, value in state_dict.items()
-                          if key.startswith("encoder.")}
+        if state_dict is None:
+            state_dict = self.state_dict()
+        state_dict = dict(state_dict)
+        compress_embeddings = state_dict.pop("compress_embeddings")
+        state_dict = {key.removeprefix("encoder."): value for key, value in state_dict.items()
+                      if key.startswith("encoder.")}
+        weight = self.encoder.get_input_embeddings().weight
+        names = [key for key, value in self.encoder.state_dict(keep_vars=True).items()
+                 if value is weight]  # with tied embeddings, the output head's name too
+        embedding = state_dict[names[0]].clone()
+        embedding[self.compress_ids.to(embedding.device)] = compress_embeddings.to(embedding)
+        state_dict.update({name: embedding for name in names})
         self.encoder.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         (directory / CONFIG_FILE).write_text(json.dumps(

@@ -174,6 +174,8 @@ def add_common(parser, *, training: bool) -> None:
     if not training:
         return
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--compress-token-lr", type=positive_float, default=None,
+                        help="learning rate of the compress-token embeddings (default: --lr)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
@@ -191,6 +193,16 @@ def add_common(parser, *, training: bool) -> None:
     parser.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def memory_norm_setting(text: str):
     """--memory-norm: None for "none", "embedding" (resolved against the base model), or a positive
     number."""
@@ -199,12 +211,10 @@ def memory_norm_setting(text: str):
     if text == "embedding":
         return text
     try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f'expected "none", "embedding" or a positive number, got {text!r}')
-    return value
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f'expected "none", "embedding" or a positive number, got {text!r}') from None
 
 
 def parse_args(argv=None):

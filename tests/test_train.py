@@ -383,3 +383,34 @@ def test_detached_self_score_stops_the_gradient_into_the_positives_memory(worksp
     assert memory.grad[:4].abs().sum() > 0  # queries
     assert (memory.grad[4:].abs().sum() == 0) == detach  # positives
     assert losses_seen[0] == pytest.approx(losses_seen[1], rel=1e-6)
+
+
+def test_compress_token_lr_moves_the_compress_embeddings_at_their_own_rate(workspace, tmp_path):
+    """One step of AdamW moves every trained element by about its lr (the first step's update is
+    lr * sign(gradient)): with --compress-token-lr 100x --lr, the compress-token embeddings move
+    100x further than the rest; and what is saved is what was trained (the rows of the saved
+    embedding matrix, reloaded into the separate parameter)."""
+    from autoregembed_fast.model import load_encoder
+
+    torch.manual_seed(0)
+    start = load_encoder(str(workspace["base"]), 5)
+    for name, extra in (("same", []), ("own", ["--compress-token-lr", "1e-2"])):
+        train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+                    "--output", str(tmp_path / name), "--batch-size", "4", "--steps", "1",
+                    "--lr", "1e-4", "--warmup-ratio", "0", *extra])
+    for name, expected in (("same", 1e-4), ("own", 1e-2)):
+        model = AutoRegEmbed.from_pretrained(tmp_path / name / "model")
+        moved = (model.compress_embeddings - start.compress_embeddings).abs().detach()
+        assert moved.max().item() == pytest.approx(expected, rel=1e-2)
+        rows = model.encoder.get_input_embeddings().weight[model.compress_ids]
+        assert torch.equal(rows, model.compress_embeddings.data)
+        layer = model.encoder.base_model.layers[0].mlp.down_proj.weight
+        start_layer = start.encoder.base_model.layers[0].mlp.down_proj.weight
+        assert (layer - start_layer).abs().max().item() == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_compress_rejects_a_bad_compress_token_lr(workspace, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+                    "--output", str(workspace["root"] / "unused"), "--compress-token-lr", "-1"])
+    assert "--compress-token-lr" in capsys.readouterr().err
