@@ -219,14 +219,23 @@ class AutoRegEmbed(nn.Module):
     embeddings' mean norm (`embedding_norm`) lets stage 1 start from a prefix the decoder can read
     (NOTES.md: stage-1 loss after 10 steps 8.3 instead of 14).
 
+    `memory_layer` (None by default: the last hidden states, after the final norm, as released):
+    the memory is the output of this encoder layer instead (1 .. layers - 1, before any norm).
+
     `bos_before_memory` (off by default, as in the released method): the frozen decoder reads
     `[bos ; memory ; target]` instead of `[memory ; target]` (`memory_for_decoder`); a setting of
     the trained model, so stage 2, the reference scores and the evaluation read it from here.
     """
 
     def __init__(self, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT,
-                 memory_norm: float | None = None, bos_before_memory: bool = False):
+                 memory_norm: float | None = None, bos_before_memory: bool = False,
+                 memory_layer: int | None = None):
         super().__init__()
+        layers = encoder.config.num_hidden_layers
+        if memory_layer is not None and not 1 <= memory_layer < layers:
+            raise ValueError(f"memory_layer must be in [1, {layers - 1}] (the encoder has {layers} "
+                             f"layers; None takes the last hidden states), got {memory_layer!r}")
+        self.memory_layer = memory_layer
         if memory_norm is not None and not memory_norm > 0:
             raise ValueError(f"memory_norm must be positive or None, got {memory_norm!r}")
         tokens = [compress_token(i) for i in range(k)]
@@ -255,13 +264,14 @@ class AutoRegEmbed(nn.Module):
 
     @classmethod
     def from_base(cls, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT,
-                  memory_norm: float | None = None, bos_before_memory: bool = False):
+                  memory_norm: float | None = None, bos_before_memory: bool = False,
+                  memory_layer: int | None = None):
         """Adds the k compress tokens to the tokenizer and the encoder's embeddings."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         tokenizer.add_special_tokens({"additional_special_tokens": [compress_token(i) for i in range(k)]})
         encoder.resize_token_embeddings(len(tokenizer))
-        return cls(encoder, tokenizer, k, prompt, memory_norm, bos_before_memory)
+        return cls(encoder, tokenizer, k, prompt, memory_norm, bos_before_memory, memory_layer)
 
     @property
     def decoder_bos_id(self) -> int | None:
@@ -298,21 +308,27 @@ class AutoRegEmbed(nn.Module):
         if packed:
             check_packing_support(self.encoder.base_model)
             packing = packing_of(lengths.cpu() + self.k, input_ids.device)
-            hidden = self.encoder.base_model(inputs_embeds=pack_sequences(embeddings, packing),
-                                             position_ids=packing.position_ids, use_cache=False
-                                             ).last_hidden_state
+            hidden = self._hidden_states(inputs_embeds=pack_sequences(embeddings, packing),
+                                         position_ids=packing.position_ids)
             memory = hidden[packing.locate(positions)]
         else:
             mask = torch.cat([attention_mask, attention_mask.new_zeros(batch, self.k)], dim=1)
             mask[rows, positions] = 1
-            hidden = self.encoder.base_model(inputs_embeds=embeddings, attention_mask=mask,
-                                             use_cache=False).last_hidden_state
+            hidden = self._hidden_states(inputs_embeds=embeddings, attention_mask=mask)
             memory = hidden[rows, positions]
         if self.memory_norm is not None:
             memory = F.normalize(memory, dim=-1) * self.memory_norm
         return memory
 
     forward = compress
+
+    def _hidden_states(self, **inputs) -> torch.Tensor:
+        """The encoder's states the memory is read from: its last hidden states, or `memory_layer`'s
+        output."""
+        if self.memory_layer is None:
+            return self.encoder.base_model(**inputs, use_cache=False).last_hidden_state
+        outputs = self.encoder.base_model(**inputs, use_cache=False, output_hidden_states=True)
+        return outputs.hidden_states[self.memory_layer]
 
     def tokenize_texts(self, texts: list[str], prompt: str | None = None, max_tokens: int = 512):
         """[bos] + prompt.format(text=...) for each text, right-padded: (ids, mask)."""
@@ -355,7 +371,8 @@ class AutoRegEmbed(nn.Module):
         self.tokenizer.save_pretrained(directory)
         (directory / CONFIG_FILE).write_text(json.dumps(
             {"k": self.k, "prompt": self.prompt, "memory_norm": self.memory_norm,
-             "bos_before_memory": self.bos_before_memory}, indent=2))
+             "bos_before_memory": self.bos_before_memory, "memory_layer": self.memory_layer},
+            indent=2))
 
     @classmethod
     def from_pretrained(cls, directory):
@@ -367,7 +384,8 @@ class AutoRegEmbed(nn.Module):
         config = json.loads((directory / CONFIG_FILE).read_text())
         encoder = AutoModelForCausalLM.from_pretrained(directory)
         return cls(encoder, AutoTokenizer.from_pretrained(directory), config["k"], config["prompt"],
-                   config.get("memory_norm"), config.get("bos_before_memory", False))
+                   config.get("memory_norm"), config.get("bos_before_memory", False),
+                   config.get("memory_layer"))
 
 
 def embedding_norm(model) -> float:

@@ -119,7 +119,8 @@ def command_compress(args) -> None:
     decoder = frozen_decoder(copy.deepcopy(base), args.gradient_checkpointing).to(cluster.device)
     memory_norm = embedding_norm(base) if args.memory_norm == "embedding" else args.memory_norm
     model = AutoRegEmbed.from_base(base, tokenizer, args.k, memory_norm=memory_norm,
-                                   bos_before_memory=args.bos_before_memory)
+                                   bos_before_memory=args.bos_before_memory,
+                                   memory_layer=args.memory_layer)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.encoder)
     objective = CompressionObjective(decoder, tokenizer, tokenization_of(args), rows,
@@ -226,6 +227,9 @@ def parse_args(argv=None):
     compress.add_argument("--memory-norm", type=memory_norm_setting, default="none",
                           help='rescale each memory vector to this L2 norm: "none" (the released '
                                'method), "embedding" (the mean norm of the input embeddings) or a number')
+    compress.add_argument("--memory-layer", type=int, default=None,
+                          help="take the memory from this encoder layer's output (1 .. layers - 1) "
+                               "instead of the last hidden states (the released method)")
     compress.add_argument("--bos-before-memory", action="store_true",
                           help="the decoder reads [bos ; memory ; target] instead of the released "
                                "[memory ; target] (a setting of the saved model: stage 2 reads it)")

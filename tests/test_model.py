@@ -161,10 +161,13 @@ def test_memory_norm_must_be_positive(tmp_path, bad):
         AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_norm=bad)
 
 
+@pytest.mark.parametrize("memory_layer", [None, 1], ids=["last-hidden", "layer-1"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layout):
+def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layout, memory_layer):
     """A batch mixing short and long texts, packed (in one row or several) or padded: every row's
-    memory and gradient must be what the row gives alone (no padding at all)."""
+    memory and gradients (embedding matrix and compress-token embeddings) must be what the row gives
+    alone (no padding at all); with `memory_layer`, the memory is that layer's output, captured
+    here by a forward hook."""
     from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
     from tiny_models import save_tiny_base
 
@@ -172,7 +175,12 @@ def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layou
     if row_tokens is not None:
         monkeypatch.setattr("autoregembed_fast.packing.PACKED_ROW_TOKENS", row_tokens)
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
-    model = AutoRegEmbed.from_base(encoder, tokenizer, k=3)
+    model = AutoRegEmbed.from_base(encoder, tokenizer, k=3, memory_layer=memory_layer)
+    captured = []
+    if memory_layer is not None:
+        layer = encoder.base_model.layers[memory_layer - 1]
+        layer.register_forward_hook(lambda module, args, output: captured.append(
+            output[0] if isinstance(output, tuple) else output))
     lengths = [4, 50, 2, 47, 3]
     vocab = encoder.get_input_embeddings().weight.shape[0] - 3  # not the compress tokens
     ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
@@ -184,16 +192,32 @@ def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layou
 
     batch_memory = model(ids, mask, packed=packed)
     (batch_memory * upstream).sum().backward()
-    batch_grad = encoder.get_input_embeddings().weight.grad.clone()
-    encoder.zero_grad()
+    batch_grads = [encoder.get_input_embeddings().weight.grad.clone(),
+                   model.compress_embeddings.grad.clone()]
+    model.zero_grad()
     alone = []
     for row, length in enumerate(lengths):
+        captured.clear()
         memory = model(ids[row : row + 1, :length], mask[row : row + 1, :length], packed=False)
+        if memory_layer is not None:
+            assert torch.equal(memory[0], captured[0][0, length : length + 3])
         (memory * upstream[row]).sum().backward()
         alone.append(memory.detach())
     assert torch.allclose(batch_memory.detach(), torch.cat(alone), rtol=1e-5, atol=1e-5)
-    alone_grad = encoder.get_input_embeddings().weight.grad
-    assert (batch_grad - alone_grad).abs().max() <= 1e-5 * alone_grad.abs().max()
+    alone_grads = [encoder.get_input_embeddings().weight.grad, model.compress_embeddings.grad]
+    for batch_grad, alone_grad in zip(batch_grads, alone_grads):
+        assert alone_grad.abs().max() > 0
+        assert (batch_grad - alone_grad).abs().max() <= 1e-5 * alone_grad.abs().max()
+
+
+@pytest.mark.parametrize("bad", [0, 2, -1])
+def test_memory_layer_must_be_an_inner_layer(tmp_path, bad):
+    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from tiny_models import save_tiny_base
+
+    encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
+    with pytest.raises(ValueError, match=r"memory_layer must be in \[1, 1\]"):
+        AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_layer=bad)
 
 
 def test_compress_refuses_a_left_padded_batch(tmp_path):
@@ -231,3 +255,24 @@ def test_score_targets_under_autocast_scores_the_hidden_states_as_they_come(monk
     assert fused.dtype == torch.float32
     # Both round the head to bf16; eager also rounds its logits to bf16.
     assert torch.allclose(fused.double(), eager, rtol=2e-2, atol=0.1)
+
+
+def test_saved_settings_and_compress_embeddings_survive_a_reload(tmp_path):
+    """memory_layer, bos_before_memory, memory_norm and the trained compress-token embeddings (a
+    parameter apart from the embedding matrix) come back from save_pretrained / from_pretrained:
+    the reloaded model gives the same memory."""
+    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from tiny_models import save_tiny_base
+
+    encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
+    model = AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_norm=2.5, bos_before_memory=True,
+                                   memory_layer=1)
+    with torch.no_grad():
+        model.compress_embeddings.add_(torch.randn_like(model.compress_embeddings))
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoRegEmbed.from_pretrained(tmp_path / "saved")
+    assert (loaded.memory_layer, loaded.bos_before_memory, loaded.memory_norm) == (1, True, 2.5)
+    assert torch.equal(loaded.compress_embeddings, model.compress_embeddings)
+    ids, mask = model.tokenize_texts(["a man plays", "two dogs run here"])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask), model(ids, mask))
