@@ -21,6 +21,7 @@ from autoregembed_fast.checkpoint import (
     sharded_checkpoint_of,
 )
 from autoregembed_fast.cluster import Cluster, epoch_batches
+from autoregembed_fast.lora import merge_lora
 from autoregembed_fast.model import AutoRegEmbed
 from autoregembed_fast.sharding import full_model_state, shard_encoder
 
@@ -143,6 +144,8 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         progress.close()
         log.close()
         if step >= total_steps:
+            if args.lora:
+                merge_lora(model)
             model.save_pretrained(output / "model", state_dict=full_state)
             plot_losses(output / LOG, output / "loss.png", args.command)
             print(f"saved {output / 'model'}; log {output / LOG}; curve {output / 'loss.png'}")

@@ -41,6 +41,7 @@ from autoregembed_fast.data import (
 )
 from autoregembed_fast.losses import AlignmentLoss
 from autoregembed_fast.loop import run_training
+from autoregembed_fast.lora import add_lora
 from autoregembed_fast.model import (
     AutoRegEmbed,
     embedding_norm,
@@ -121,6 +122,8 @@ def command_compress(args) -> None:
     model = AutoRegEmbed.from_base(base, tokenizer, args.k, memory_norm=memory_norm,
                                    bos_before_memory=args.bos_before_memory,
                                    memory_layer=args.memory_layer)
+    if args.lora:
+        add_lora(model, args.lora)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.encoder)
     objective = CompressionObjective(decoder, tokenizer, tokenization_of(args), rows,
@@ -133,6 +136,8 @@ def command_align(args) -> None:
     rows = read_alignment_rows(args.data)
     settings = tokenization_of(args)
     model = load_encoder(args.encoder, args.k)
+    if args.lora:
+        add_lora(model, args.lora)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.encoder)
     if args.objective == "contrastive":
@@ -188,6 +193,10 @@ def add_common(parser, *, training: bool) -> None:
     parser.add_argument("--fsdp", action="store_true",
                         help="shard the encoder's parameters, gradients and optimizer state with FSDP2 "
                              "over the ranks of torchrun (with --bf16: FSDP2 mixed precision)")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="train LoRA adapters of this rank on the encoder's linear layers (and "
+                             "the compress-token embeddings) instead of the whole encoder; merged "
+                             "into the saved model. Not with --fsdp")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUTPUT/checkpoint.pt (OUTPUT/checkpoint/ with --fsdp)")
@@ -260,6 +269,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.command == "align" and args.objective == "autoregembed" and not args.decoder:
         parser.error("align --objective autoregembed needs --decoder")
+    if args.command != "reference":
+        if args.lora < 0:
+            parser.error(f"--lora RANK must be positive, got {args.lora}")
+        if args.lora and args.fsdp:
+            parser.error("--lora does not combine with --fsdp (FSDP2 would shard the frozen weights "
+                         "and the adapters alike); use DDP (torchrun without --fsdp) for LoRA")
     return args
 
 

@@ -139,12 +139,14 @@ def stage_args(workspace, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ddp-lora"])
 @pytest.mark.parametrize("stage", ["compress", "align"])
 def test_two_processes_match_one(workspace, tmp_path, stage, parallel):
-    """2 ranks x batch 2 (gloo; DDP, or FSDP2 sharding the encoder) give the loss trajectory of
-    1 process x batch 4, and the saved model loads in one process."""
+    """2 ranks x batch 2 (gloo; DDP, or FSDP2 sharding the encoder; DDP training LoRA adapters)
+    give the loss trajectory of 1 process x batch 4, and the saved model loads in one process."""
     common = stage_args(workspace, stage) + ["--steps", "3", "--lr", "1e-3"]
+    if parallel == "ddp-lora":
+        common += ["--lora", "4"]
     sharding = ["--fsdp"] if parallel == "fsdp" else []
     run_torchrun(common + ["--output", str(tmp_path / "one"), "--batch-size", "4"], 1)
     run_torchrun(common + ["--output", str(tmp_path / "two"), "--batch-size", "2", *sharding], 2)

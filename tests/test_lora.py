@@ -1,0 +1,61 @@
+"""LoRA on the encoder: merging keeps the memory, training moves only adapters and compress-token
+embeddings, and the combination with FSDP2 is refused with a clear error."""
+
+import pytest
+import torch
+
+from autoregembed_fast import train
+from autoregembed_fast.lora import add_lora, merge_lora
+from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+from tiny_models import save_tiny_base, stage1_rows, write_jsonl
+
+
+def test_merged_adapters_give_the_memory_of_the_adapted_model(tmp_path):
+    encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
+    model = AutoRegEmbed.from_base(encoder, tokenizer, 2)
+    add_lora(model, 4)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "compress_embeddings" in trainable
+    assert all("lora_" in name for name in trainable - {"compress_embeddings"})
+    assert len(trainable) == 1 + 2 * 7 * 2  # 2 layers x 7 linear layers x (A, B)
+    with torch.no_grad():  # lora_B starts at zero: give the adapters something to merge
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    ids, mask = model.tokenize_texts(["a man plays", "two dogs run here"])
+    with torch.no_grad():
+        adapted = model(ids, mask)
+        plain_start = AutoRegEmbed.from_base(*load_causal_lm(str(tmp_path / "base")), 2)
+        plain_start.compress_embeddings.copy_(model.compress_embeddings)
+        assert (plain_start(ids, mask) - adapted).abs().max() > 1e-2  # the adapters matter
+        assert merge_lora(model) == 14
+        merged = model(ids, mask)
+    assert torch.allclose(merged, adapted, rtol=1e-5, atol=1e-5)
+    assert not any("peft" in type(m).__module__ for m in model.modules())
+
+
+def test_compress_with_lora_trains_adapters_only(tmp_path):
+    base = save_tiny_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "stage1.jsonl", stage1_rows(8))
+    train.main(["compress", "--model", str(base), "--data", str(data), "--output", str(tmp_path / "out"),
+                "--batch-size", "4", "--steps", "2", "--lr", "1e-2", "--lora", "4"])
+    start = load_causal_lm(str(base))[0].state_dict()
+    saved = AutoRegEmbed.from_pretrained(tmp_path / "out" / "model")
+    state = saved.encoder.state_dict()
+    assert state.keys() == start.keys()  # a plain model: no adapter weights left
+    changed = {name for name in start if not torch.equal(start[name], state[name][: len(start[name])])}
+    linear = {name for name in start if name.endswith("proj.weight")}
+    assert changed == linear  # every adapted layer moved; norms and embedding rows did not
+    # The base rows are the base model's (compared above); the 5 compress-token rows were added.
+    assert state["model.embed_tokens.weight"].shape[0] == start["model.embed_tokens.weight"].shape[0] + 5
+
+
+@pytest.mark.parametrize("extra, message", [(["--lora", "4", "--fsdp"], "--lora does not combine with --fsdp"),
+                                            (["--lora", "-2"], "--lora RANK must be positive")])
+def test_lora_refusals(tmp_path, capsys, extra, message):
+    base = save_tiny_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "stage1.jsonl", stage1_rows(8))
+    with pytest.raises(SystemExit):
+        train.main(["compress", "--model", str(base), "--data", str(data), "--output",
+                    str(tmp_path / "out"), *extra])
+    assert message in capsys.readouterr().err
