@@ -28,10 +28,17 @@ from autoregembed_fast.sharding import full_model_state, shard_encoder
 LOG = "log.jsonl"
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int):
+def lr_factor(schedule: str, total_steps: int, warmup_steps: int):
+    """The learning-rate multiplier of each step: linear warm-up, then a cosine decay to 0 over the
+    remaining steps ("cosine", the released schedule) or the full rate ("constant")."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -70,7 +77,7 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
     optimizer = torch.optim.AdamW(parameter_groups(model, trainable, args.compress_token_lr),
                                   lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, math.ceil(args.warmup_ratio * total_steps)))
+        optimizer, lr_factor(args.lr_schedule, total_steps, math.ceil(args.warmup_ratio * total_steps)))
     step = 0
     if args.resume:
         step = resume(args, cluster, output, model, optimizer, scheduler)

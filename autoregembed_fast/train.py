@@ -187,6 +187,8 @@ def add_common(parser, *, training: bool) -> None:
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--warmup-ratio", type=float, default=0.05)
+    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                        help="after the warm-up: cosine decay to 0 (released) or constant")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast over fp32 master weights (trainable weights stay fp32)")

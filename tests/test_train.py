@@ -416,3 +416,19 @@ def test_compress_rejects_a_bad_compress_token_lr(workspace, capsys):
         train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
                     "--output", str(workspace["root"] / "unused"), "--compress-token-lr", "-1"])
     assert "--compress-token-lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_learning_rate_schedules(workspace, tmp_path, schedule):
+    """The logged rate of each step: warm-up of 2 steps to --lr, then cosine to 0 or flat."""
+    import math
+
+    train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+                "--output", str(tmp_path / "out"), "--batch-size", "4", "--steps", "6",
+                "--lr", "1e-3", "--warmup-ratio", "0.3", "--lr-schedule", schedule])
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    # The rate logged after step s is the one the next step uses (factor of step index s).
+    after_warmup = [1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * (s - 2) / 4))
+                    for s in range(2, 7)]
+    expected = [1e-3 * f for f in [1.0] + after_warmup]
+    assert logged == pytest.approx(expected, rel=1e-9, abs=1e-15)
