@@ -25,6 +25,7 @@ import torch
 
 from autoregembed_fast import evaluate, train
 from autoregembed_fast.data import ALIGNMENT_FIELDS, FIXED_INSTRUCTION, read_jsonl
+from autoregembed_fast.hardware import native_bf16_flags
 from autoregembed_fast.model import frozen_decoder, load_causal_lm, load_encoder
 from autoregembed_fast.reconstruction import reconstruction_nlls
 
@@ -52,6 +53,22 @@ def evaluation(encoder: str, pooling: str, heldout: Path, sts_b: str) -> dict:
     """Held-out triplet accuracy and STS-B Spearman x 100, each with its 95 % bootstrap interval."""
     return evaluate.main(["--encoder", encoder, "--pooling", pooling, "--triplets", str(heldout),
                           "--sts-b", sts_b])
+
+
+def use_bf16(setting: str) -> dict:
+    """Whether the trainings run under bf16 autocast, and why (printed and kept in results.json)."""
+    flags = native_bf16_flags()
+    if setting != "auto":
+        choice = {"on": setting == "on", "why": f"--bf16 {setting}"}
+    elif torch.cuda.is_available():
+        choice = {"on": True, "why": "a CUDA GPU"}
+    elif flags:
+        choice = {"on": True, "why": f"the CPU has native bf16 ({', '.join(flags)})"}
+    else:
+        choice = {"on": False, "why": "the CPU has no native bf16 (no amx_bf16 / avx512_bf16 flag): "
+                                      "bf16 GEMMs would be emulated, far slower than fp32"}
+    print(f"demo: bf16 autocast {'on' if choice['on'] else 'off'}: {choice['why']}")
+    return choice
 
 
 def timed(function, *args) -> float:
@@ -90,6 +107,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m autoregembed_fast.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--model", default="smollm2",
+                        help='the base model: "smollm2" (SmolLM2-135M-Instruct) or a directory')
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="bf16 autocast for the trainings; auto: on where the CPU has native "
+                             "bf16 (AMX / AVX512-BF16) or on a CUDA GPU, off elsewhere")
     parser.add_argument("--output", default="demo-output")
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--sts-b", default="dev",
@@ -100,11 +122,17 @@ def main(argv=None) -> dict:
     # some runs and broke through on others; rescaled memory at 1e-4 is stable (NOTES.md).
     parser.add_argument("--stage1-lr", type=float, default=1e-4)
     parser.add_argument("--stage1-warmup", type=float, default=0.1)
+    parser.add_argument("--stage1-lr-schedule", choices=("cosine", "constant"), default="cosine")
     parser.add_argument("--stage1-memory-norm", default="embedding",
                         help='"embedding", "none" (the released method) or a number')
+    parser.add_argument("--stage1-bos-before-memory", action="store_true",
+                        help="the decoder reads [bos ; memory ; text] (see train compress --help)")
+    parser.add_argument("--stage1-compress-token-lr", type=float,
+                        help="learning rate of the compress-token embeddings (default: --stage1-lr)")
     parser.add_argument("--stage2-steps", type=int, default=60)
     # 2e-5 made stage 2 undo most of stage 1 here (0.80 -> 0.705); the released 5e-6 did not (NOTES.md).
     parser.add_argument("--stage2-lr", type=float, default=5e-6)
+    parser.add_argument("--stage2-grad-accum", type=int, default=1)
     parser.add_argument("--contrastive-lr", type=float, default=2e-5)
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=0.1)
@@ -122,12 +150,14 @@ def main(argv=None) -> dict:
     stage2 = write_jsonl(out / "stage2.jsonl", triplets[args.heldout :])
     stage1 = write_jsonl(out / "stage1.jsonl", compression_rows(triplets[args.heldout :]))
     heldout_sentences = compression_rows(triplets[: args.heldout])[:200]
-    results = {"settings": vars(args), "models": {}, "wall_s": {}, "reconstruction_nll": {}}
+    bf16 = use_bf16(args.bf16)
+    results = {"settings": vars(args), "bf16": bf16, "models": {}, "wall_s": {},
+               "reconstruction_nll": {}}
     models = results["models"]
 
     # De-quantising the GGUF takes ~25 s per load and the pipeline loads the base model ten times:
     # convert it once into a plain Hugging Face directory (fp32 safetensors) and load that.
-    base_model, tokenizer = load_causal_lm("smollm2")
+    base_model, tokenizer = load_causal_lm(args.model)
     base = str(out / "base-model")
     base_model.save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -136,12 +166,15 @@ def main(argv=None) -> dict:
     models["untrained last-token prompt"] = evaluation(base, "last-token", heldout, args.sts_b)
     results["reconstruction_nll"]["untrained"] = nlls_of(base, decoder, heldout_sentences)
 
-    common = ["--batch-size", str(args.batch_size)]
+    common = ["--batch-size", str(args.batch_size)] + (["--bf16"] if bf16["on"] else [])
+    levers = (["--bos-before-memory"] if args.stage1_bos_before_memory else []) + (
+        ["--compress-token-lr", str(args.stage1_compress_token_lr)]
+        if args.stage1_compress_token_lr else [])
     results["wall_s"]["stage1"] = timed(train.main, [
         "compress", "--model", base, "--data", str(stage1), "--output", str(out / "stage1"),
         "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr),
-        "--warmup-ratio", str(args.stage1_warmup), "--memory-norm", args.stage1_memory_norm,
-        *common])
+        "--warmup-ratio", str(args.stage1_warmup), "--lr-schedule", args.stage1_lr_schedule,
+        "--memory-norm", args.stage1_memory_norm, *levers, *common])
     encoder = str(out / "stage1" / "model")
     results["reconstruction_nll"]["stage 1"] = nlls_of(encoder, decoder, heldout_sentences)
     models["autoregembed stage 1"] = evaluation(encoder, "memory", heldout, args.sts_b)
@@ -156,7 +189,7 @@ def main(argv=None) -> dict:
         "--reference-scores", str(scores), "--output", str(out / "stage2"), "--steps",
         str(args.stage2_steps), "--lr", str(args.stage2_lr), "--beta", str(args.beta),
         "--temperature", str(args.temperature), "--reference-sign", str(args.reference_sign),
-        *average, *common])
+        "--grad-accum", str(args.stage2_grad_accum), *average, *common])
     models["autoregembed stage 1 + 2"] = evaluation(str(out / "stage2" / "model"), "memory",
                                                     heldout, args.sts_b)
 
@@ -165,7 +198,8 @@ def main(argv=None) -> dict:
         results["wall_s"]["contrastive"] = timed(train.main, [
             "align", "--objective", "contrastive", "--encoder", base, "--data", str(stage2),
             "--output", str(out / "contrastive"), "--steps",
-            str(args.stage1_steps + args.stage2_steps), "--lr", str(args.contrastive_lr), *common])
+            str(args.stage1_steps + args.stage2_steps * args.stage2_grad_accum), "--lr",
+            str(args.contrastive_lr), *common])
         models["contrastive (InfoNCE)"] = evaluation(str(out / "contrastive" / "model"), "memory",
                                                      heldout, args.sts_b)
     (out / "results.json").write_text(json.dumps(results, indent=2))

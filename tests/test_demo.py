@@ -30,3 +30,45 @@ def test_no_code_reads_outside_the_repository():
     offenders = [str(p.relative_to(ROOT)) for p in sources
                  if reads_team_folder.search(p.read_text(errors="replace"))]
     assert offenders == []
+
+
+def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
+    """Every step of the demo (split, baselines, stage 1 with its levers, reconstruction NLL,
+    references, stage 2 with accumulation, contrastive, evaluation, plot) on a tiny base model;
+    the choice of bf16 is printed and recorded."""
+    import json
+
+    from tiny_models import save_tiny_base, stage2_rows, write_jsonl
+
+    base = save_tiny_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "triplets.jsonl", stage2_rows(30))
+    generator = __import__("random").Random(0)
+    words = ["a", "man", "dog", "runs", "plays", "two", "the", "cat"]
+    sts = tmp_path / "sts.csv"
+    sts.write_text("".join(
+        f"g\tf\t2012\t{i}\t{generator.uniform(0, 5):.2f}\t{' '.join(generator.choices(words, k=4))}"
+        f"\t{' '.join(generator.choices(words, k=5))}\n" for i in range(30)))
+    out = tmp_path / "out"
+    results = demo.main(["--model", str(base), "--data", str(data), "--output", str(out),
+                         "--heldout", "10", "--sts-b", str(sts), "--batch-size", "4",
+                         "--stage1-steps", "2", "--stage1-bos-before-memory",
+                         "--stage1-compress-token-lr", "1e-3", "--stage1-lr-schedule", "constant",
+                         "--stage1-memory-norm", "none", "--stage2-steps", "2",
+                         "--stage2-grad-accum", "2", "--bf16", "off"])
+    assert "bf16 autocast off: --bf16 off" in capsys.readouterr().out
+    assert results["bf16"] == {"on": False, "why": "--bf16 off"}
+    assert set(results["models"]) == {"untrained last-token prompt", "autoregembed stage 1",
+                                      "autoregembed stage 1 + 2", "contrastive (InfoNCE)"}
+    for metrics in results["models"].values():
+        assert 0 <= metrics["triplet_accuracy"] <= 1 and metrics["triplets"] == 10
+        assert metrics["sts_b_spearman_pairs"] == 30
+    for nll in results["reconstruction_nll"].values():
+        assert nll["texts"] == 30 and nll["own_ci95"][0] <= nll["own"] <= nll["own_ci95"][1]
+    from autoregembed_fast.model import AutoRegEmbed
+
+    assert AutoRegEmbed.from_pretrained(out / "stage2" / "model").bos_before_memory
+    contrastive_steps = [json.loads(line)["step"] for line in
+                         (out / "contrastive" / "log.jsonl").read_text().splitlines()]
+    assert contrastive_steps[-1] == 2 + 2 * 2  # equal optimizer steps x batch to both stages
+    assert json.loads((out / "results.json").read_text())["models"] == results["models"]
+    assert (out / "results.png").stat().st_size > 1000
