@@ -16,7 +16,7 @@ $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 
 install: $(STAMP)
 
-# The recipe smoke test (tests/test_recipes.py) runs SmolLM2: the demo's packages come with the tests.
+# The recipe smoke test (tests/method/training/test_recipes.py) runs SmolLM2: the demo's packages come with the tests.
 test: $(STAMP) $(VENV)/.demo-installed
 	$(BIN)/python -m pytest tests
 

@@ -48,7 +48,8 @@ def extension():
 
 
 setup(
-    packages=["autoregembed_fast", "autoregembed_fast.kernels"],
+    packages=["autoregembed_fast", "autoregembed_fast.kernels", "autoregembed_fast.method",
+              "autoregembed_fast.method.training"],
     package_dir={"autoregembed_fast": "autoregembed_fast", "autoregembed_fast.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

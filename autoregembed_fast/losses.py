@@ -1,11 +1,11 @@
-"""Drop-in losses of AutoRegEmbed built on the fused op: sequence log-probs, the compression
-(cross-entropy) loss and the conditional-distribution alignment loss of the released code."""
+"""Generic losses on the fused op, for any causal LM: sequence log-probs, the fused linear
+cross-entropy (`linear_cross_entropy`, `LinearCrossEntropyLoss`) and the op as a module
+(`TokenLogprobs`). AutoRegEmbed's own losses are in `autoregembed_fast.method.losses`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from autoregembed_fast.ops import summed_token_logprobs, token_logprobs
 
@@ -103,8 +103,7 @@ def linear_cross_entropy(
 
 class LinearCrossEntropyLoss(nn.Module):
     """`linear_cross_entropy` as a module: ``loss(hidden, weight, labels, bias=None)``. AutoRegEmbed's
-    stage-1 loss (token cross-entropy of the target given the memory, from the frozen decoder's hidden
-    states and its head) is this loss, also exported as ``CompressionLoss``."""
+    stage-1 loss is this loss (``autoregembed_fast.method.losses.CompressionLoss``)."""
 
     def __init__(self, *, shift: bool = True, reduction: str = "mean", ignore_index: int = -100,
                  softcap: float | None = None, backend: str = "auto"):
@@ -127,10 +126,6 @@ class LinearCrossEntropyLoss(nn.Module):
                 f"softcap={self.softcap}, backend={self.backend!r}")
 
 
-# The method's name for the same loss (stage 1: information compression).
-CompressionLoss = LinearCrossEntropyLoss
-
-
 class TokenLogprobs(nn.Module):
     """`token_logprobs` as a module: ``module(hidden, weight, targets, bias=None)`` -> log p per token."""
 
@@ -147,73 +142,3 @@ class TokenLogprobs(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, softcap={self.softcap}, backend={self.backend!r}"
-
-
-def _check_alignment_settings(beta, temperature, reference_sign) -> None:
-    if reference_sign not in (1, -1):
-        raise ValueError(f"reference_sign must be +1 or -1, got {reference_sign!r}")
-    if not (beta > 0 and temperature > 0):
-        raise ValueError(f"beta and temperature must be positive, got {beta} and {temperature}")
-
-
-def alignment_loss(
-    s_qp: torch.Tensor,
-    s_pp: torch.Tensor,
-    s_qn: torch.Tensor,
-    ref_pos: torch.Tensor,
-    ref_neg: torch.Tensor,
-    *,
-    beta: float = 0.1,
-    temperature: float = 0.1,
-    reference_sign: int = 1,
-) -> torch.Tensor:
-    """Stage-2 conditional-distribution alignment loss of the released AutoRegEmbed code (scalar).
-
-    Inputs are sequence log-probs: ``s_qp [B]`` = log p(pos | M_query), ``s_pp [B]`` = log p(pos | M_pos),
-    ``s_qn [B, n]`` = log p(neg_j | M_query), and the frozen stage-1 model's reference scores
-    ``ref_pos [B]``, ``ref_neg [B, n]``. Per example and negative::
-
-        margin = (s_qp - s_qn_j) + reference_sign * (ref_pos - ref_neg_j)
-        s2     = sigmoid(beta * margin)              # uniformity: push the negative away
-        s1     = sigmoid(beta * |s_qp - s_pp|)       # alignment: query and positive agree
-        loss   = -log(exp(-s1/τ) / (exp(-s1/τ) + exp(-s2/τ))) = softplus((s1 - s2) / τ)
-
-    averaged over the batch and the negatives (``[B, 1]`` against ``[B, n]`` broadcasting, as the
-    released code). ``reference_sign=+1`` is the released code's sign; ``-1`` gives the DPO convention
-    ``(s_qp - s_qn) - (ref_pos - ref_neg)``. Computed with softplus, stable for any finite input.
-    """
-    _check_alignment_settings(beta, temperature, reference_sign)
-    if s_qp.dim() != 1:
-        raise ValueError(f"s_qp must have shape [B], got {tuple(s_qp.shape)}")
-    batch = s_qp.shape[0]
-    for name, value in (("s_pp", s_pp), ("ref_pos", ref_pos)):
-        if tuple(value.shape) != (batch,):
-            raise ValueError(f"{name} must have shape [B] = ({batch},), got {tuple(value.shape)}")
-    if s_qn.dim() != 2 or s_qn.shape[0] != batch:
-        raise ValueError(f"s_qn must have shape [B, n] with B = {batch}, got {tuple(s_qn.shape)}")
-    if tuple(ref_neg.shape) != tuple(s_qn.shape):
-        raise ValueError(f"ref_neg must have the shape of s_qn {tuple(s_qn.shape)}, got "
-                         f"{tuple(ref_neg.shape)}")
-    margin = (s_qp[:, None] - s_qn) + reference_sign * (ref_pos[:, None] - ref_neg)
-    uniformity = torch.sigmoid(beta * margin)
-    alignment = torch.sigmoid(beta * (s_qp - s_pp).abs())[:, None]
-    return F.softplus((alignment - uniformity) / temperature).mean()
-
-
-class AlignmentLoss(nn.Module):
-    """`alignment_loss` as a module (β = 0.1, τ = 0.1 and the released code's reference sign by
-    default)."""
-
-    def __init__(self, beta: float = 0.1, temperature: float = 0.1, reference_sign: int = 1):
-        super().__init__()
-        _check_alignment_settings(beta, temperature, reference_sign)
-        self.beta = beta
-        self.temperature = temperature
-        self.reference_sign = reference_sign
-
-    def forward(self, s_qp, s_pp, s_qn, ref_pos, ref_neg):
-        return alignment_loss(s_qp, s_pp, s_qn, ref_pos, ref_neg, beta=self.beta,
-                              temperature=self.temperature, reference_sign=self.reference_sign)
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, temperature={self.temperature}, reference_sign={self.reference_sign}"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autoregembed_fast import score_targets, token_logprobs
-from autoregembed_fast.packing import check_packing_support
+from autoregembed_fast.method.packing import check_packing_support
 from tiny_models import tiny_gemma2, tiny_llama
 
 DECODERS = {
@@ -56,7 +56,7 @@ LAYOUTS = {"packed": (True, None), "packed-rows-of-16": (True, 16), "padded": (F
 def test_score_targets_matches_eager_logits_and_gradients(monkeypatch, decoder_name, lengths, layout):
     packed, row_tokens = LAYOUTS[layout]
     if row_tokens is not None:
-        monkeypatch.setattr("autoregembed_fast.packing.PACKED_ROW_TOKENS", row_tokens)
+        monkeypatch.setattr("autoregembed_fast.method.packing.PACKED_ROW_TOKENS", row_tokens)
     decoder = DECODERS[decoder_name]()
     memory, target_ids, target_mask, memory_index = make_batch(decoder, lengths=LENGTHS[lengths])
     grad_out = torch.randn(target_ids.shape[0])
@@ -134,7 +134,7 @@ def test_score_targets_bad_input(case):
 
 
 def test_checkpointed_decoder_scores_and_gradients_are_unchanged():
-    from autoregembed_fast.model import frozen_decoder
+    from autoregembed_fast.method.model import frozen_decoder
 
     plain = tiny_llama()
     checkpointed = frozen_decoder(tiny_llama(), gradient_checkpointing=True)
@@ -153,7 +153,7 @@ def test_checkpointed_decoder_scores_and_gradients_are_unchanged():
 
 @pytest.mark.parametrize("bad", [0.0, -2.0, float("nan")])
 def test_memory_norm_must_be_positive(tmp_path, bad):
-    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
     from tiny_models import save_tiny_base
 
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
@@ -168,12 +168,12 @@ def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layou
     memory and gradients (embedding matrix and compress-token embeddings) must be what the row gives
     alone (no padding at all); with `memory_layer`, the memory is that layer's output, captured
     here by a forward hook."""
-    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
     from tiny_models import save_tiny_base
 
     packed, row_tokens = LAYOUTS[layout]
     if row_tokens is not None:
-        monkeypatch.setattr("autoregembed_fast.packing.PACKED_ROW_TOKENS", row_tokens)
+        monkeypatch.setattr("autoregembed_fast.method.packing.PACKED_ROW_TOKENS", row_tokens)
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
     model = AutoRegEmbed.from_base(encoder, tokenizer, k=3, memory_layer=memory_layer)
     captured = []
@@ -212,7 +212,7 @@ def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layou
 
 @pytest.mark.parametrize("bad", [0, 2, -1])
 def test_memory_layer_must_be_an_inner_layer(tmp_path, bad):
-    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
     from tiny_models import save_tiny_base
 
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
@@ -221,7 +221,7 @@ def test_memory_layer_must_be_an_inner_layer(tmp_path, bad):
 
 
 def test_compress_refuses_a_left_padded_batch(tmp_path):
-    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
     from tiny_models import save_tiny_base
 
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
@@ -237,7 +237,7 @@ def test_score_targets_under_autocast_scores_the_hidden_states_as_they_come(monk
     """Under bf16 autocast the op gets the decoder's hidden states in the dtype they come out in (HF
     keeps the residual stream of an fp32 model in fp32; a bf16 model's is bf16): no [S, T, d] cast
     here, and the op computes as the autocast `lm_head` would (bf16 operands, fp32 softmax)."""
-    import autoregembed_fast.model as model_module
+    import autoregembed_fast.method.model as model_module
 
     seen = []
 
@@ -261,7 +261,7 @@ def test_saved_settings_and_compress_embeddings_survive_a_reload(tmp_path):
     """memory_layer, bos_before_memory, memory_norm and the trained compress-token embeddings (a
     parameter apart from the embedding matrix) come back from save_pretrained / from_pretrained:
     the reloaded model gives the same memory."""
-    from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+    from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
     from tiny_models import save_tiny_base
 
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))

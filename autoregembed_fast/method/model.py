@@ -11,24 +11,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoregembed_fast.data import EVAL_PROMPT
+from autoregembed_fast.method.data import EVAL_PROMPT
+from autoregembed_fast.huggingface import lm_head_of
 from autoregembed_fast.ops import token_logprobs
-from autoregembed_fast.packing import (
+from autoregembed_fast.method.packing import (
     check_packing_support,
     pack_sequences,
     packing_of,
     unpack_sequences,
 )
-
-
-def lm_head_of(decoder):
-    """(weight [V, d], bias [V] or None, softcap or None) of a Hugging Face causal LM's output head:
-    tied or not, with its bias if it has one and the config's final_logit_softcapping if set."""
-    head = decoder.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(decoder).__name__} has no linear output head (get_output_embeddings)")
-    softcap = getattr(decoder.config, "final_logit_softcapping", None)
-    return head.weight, getattr(head, "bias", None), softcap
 
 
 def _check_right_padded(mask: torch.Tensor, name: str) -> None:
@@ -137,7 +128,7 @@ def score_targets(
         target_ids: ``[S, T]`` token ids, right-padded; target_mask ``[S, T]``: 1 on real tokens.
         memory_index: ``[S]`` int, the memory row each target is conditioned on.
         packed: run the decoder padding-free, the sequences packed into a few rows
-            (`autoregembed_fast.packing`); False: one right-padded batch.
+            (`autoregembed_fast.method.packing`); False: one right-padded batch.
 
     Runs the decoder's base model once over ``[memory[memory_index[s]] ; embed(target_s)]`` for all
     targets (memory slots and padding unscored), takes its last hidden states and scores the target
@@ -282,7 +273,7 @@ class AutoRegEmbed(nn.Module):
     def hidden_size(self) -> int:
         return self.encoder.get_input_embeddings().weight.shape[1]
 
-    # Encoder passes run packed (padding-free, `autoregembed_fast.packing`) unless this is False.
+    # Encoder passes run packed (padding-free, `autoregembed_fast.method.packing`) unless this is False.
     packed = True
 
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -332,7 +323,7 @@ class AutoRegEmbed(nn.Module):
 
     def tokenize_texts(self, texts: list[str], prompt: str | None = None, max_tokens: int = 512):
         """[bos] + prompt.format(text=...) for each text, right-padded: (ids, mask)."""
-        from autoregembed_fast.data import prompted_batch
+        from autoregembed_fast.method.data import prompted_batch
 
         return prompted_batch(self.tokenizer, texts, self.prompt if prompt is None else prompt,
                               max_tokens)
@@ -340,7 +331,7 @@ class AutoRegEmbed(nn.Module):
     @torch.no_grad()
     def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 32) -> torch.Tensor:
         """L2-normalised text embeddings [B, d] (fp32, on the CPU): the mean of the k memory embeddings."""
-        from autoregembed_fast.data import length_batches
+        from autoregembed_fast.method.data import length_batches
 
         device = self.compress_ids.device
         embeddings = torch.empty(len(texts), self.hidden_size)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from autoregembed_fast.data import Tokenization, compression_batch
-from autoregembed_fast.model import AutoRegEmbed, decoder_scoring_inputs, memory_for_decoder
+from autoregembed_fast.method.data import Tokenization, compression_batch
+from autoregembed_fast.method.model import AutoRegEmbed, decoder_scoring_inputs, memory_for_decoder
 from autoregembed_fast.ops import token_logprobs
 
 SOURCES = ("own", "other", "none")

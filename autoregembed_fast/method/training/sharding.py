@@ -1,7 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) for the trainable encoder: parameters, gradients and
 AdamW's state sharded over the ranks, one unit per decoder layer and one for the rest. Every pass
 all-gathers the layers, so all ranks must make the same passes: each encoder call is one pass
-whatever the lengths of a rank's texts (they run packed, `autoregembed_fast.packing`).
+whatever the lengths of a rank's texts (they run packed, `autoregembed_fast.method.packing`).
 
 The frozen decoder is not sharded: it is never updated, so each rank holds a replica in the
 checkpoint's dtype (a 7B model in bf16: 14 GB per GPU, less than its sharded AdamW state would save

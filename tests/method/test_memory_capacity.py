@@ -1,4 +1,4 @@
-"""bench.memory_capacity on a tiny model: optimised vectors become readable memory (own far below
+"""bench.method.memory_capacity on a tiny model: optimised vectors become readable memory (own far below
 other and none), and a given encoder is evaluated on the same texts as reconstruction_nlls does."""
 
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from bench import memory_capacity
-from autoregembed_fast.model import load_causal_lm, load_encoder
-from autoregembed_fast.reconstruction import reconstruction_nlls
+from bench.method import memory_capacity
+from autoregembed_fast.method.model import load_causal_lm, load_encoder
+from autoregembed_fast.method.reconstruction import reconstruction_nlls
 from tiny_models import save_tiny_base, stage1_rows, write_jsonl
 
 

@@ -130,6 +130,6 @@ def check_packing_support(base_model) -> None:
         raise ValueError(
             f"{type(base_model).__name__} does not read restarting position_ids as packed sequences "
             f"(a packed sequence's states change by {difference:.2g} relative with the sequence "
-            "packed before it): run it padded (AutoRegEmbed.packed = False, score_targets(..., "
-            "packed=False)).")
+            "packed before it): run it padded (`python -m autoregembed_fast.train ... --no-packing`; "
+            "in code AutoRegEmbed.packed = False, score_targets(..., packed=False)).")
     base_model._autoregembed_packing_checked = True

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoregembed_fast import train
-from autoregembed_fast.model import AutoRegEmbed
+from autoregembed_fast.method.training import commands as train
+from autoregembed_fast.method.model import AutoRegEmbed
 from tiny_models import save_tiny_base, stage1_rows, stage2_rows, write_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,31 @@ def losses(directory):
 
 
 def test_compress_writes_model_log_and_curve(workspace):
+    """The first logged loss is the mean token cross-entropy of the first batch under the model as
+    built (same seed, same rows): recomputed here with the objective, in the same order of RNG draws
+    (the compress-token embeddings are drawn when they are added)."""
+    import copy
+
+    from autoregembed_fast.method.data import COMPRESSION_FIELDS, Tokenization, read_jsonl
+    from autoregembed_fast.method.model import frozen_decoder, load_causal_lm
+    from autoregembed_fast.method.training.checkpoint import seed_everything
+    from autoregembed_fast.method.training.cluster import Cluster, epoch_batches
+    from autoregembed_fast.method.training.objectives import CompressionObjective
+
     out = workspace["root"] / "stage1"
-    assert len(losses(out)) == 3 and all(loss > 0 for loss in losses(out))
+    logged = losses(out)
+    assert len(logged) == 3
+    seed_everything(0)
+    rows = read_jsonl(workspace["stage1"], COMPRESSION_FIELDS)
+    base, tokenizer = load_causal_lm(str(workspace["base"]))
+    decoder = frozen_decoder(copy.deepcopy(base))
+    start = AutoRegEmbed.from_base(base, tokenizer, 5)
+    first = epoch_batches(len(rows), 4, 0, 0, Cluster(0, 1, torch.device("cpu")))[0]
+    with torch.no_grad():
+        loss, count = CompressionObjective(decoder, tokenizer, Tokenization(), rows)(
+            start, first, torch.device("cpu"))
+    assert logged[0] == pytest.approx(loss.item() / count, rel=1e-5)
+    assert logged[-1] != logged[0]
     assert (out / "loss.png").stat().st_size > 1000
     model = AutoRegEmbed.from_pretrained(out / "model")
     assert model.k == 5
@@ -70,9 +93,9 @@ def test_reference_then_align(workspace, tmp_path):
     assert cache["positive"].shape == (12,) and cache["negative"].shape == (12, 1)
     # Each score against the row's query encoded alone and its target scored alone (no batching).
     from autoregembed_fast import score_targets
-    from autoregembed_fast.data import Tokenization, encoder_ids, instruction_for, read_alignment_rows
-    from autoregembed_fast.data import target_ids as target_ids_of
-    from autoregembed_fast.model import frozen_decoder, load_causal_lm
+    from autoregembed_fast.method.data import Tokenization, encoder_ids, instruction_for, read_alignment_rows
+    from autoregembed_fast.method.data import target_ids as target_ids_of
+    from autoregembed_fast.method.model import frozen_decoder, load_causal_lm
 
     model = AutoRegEmbed.from_pretrained(workspace["encoder"]).eval()
     decoder = frozen_decoder(load_causal_lm(str(workspace["base"]))[0])
@@ -92,6 +115,35 @@ def test_reference_then_align(workspace, tmp_path):
                 str(tmp_path / "stage2"), "--batch-size", "4", "--steps", "2", "--lr", "1e-4"])
     assert len(losses(tmp_path / "stage2")) == 2
     assert (tmp_path / "stage2" / "model" / "autoregembed.json").is_file()
+
+
+@pytest.mark.parametrize("stage", ["compress", "align"])
+def test_padded_runs_follow_the_packed_trajectory(workspace, tmp_path, stage):
+    """--no-packing (right-padded encoder and decoder batches, for models the packing probe refuses)
+    trains the same model: equal losses step by step."""
+    common = stage_args(workspace, stage) + ["--steps", "3", "--lr", "1e-3", "--batch-size", "4"]
+    train.main(common + ["--output", str(tmp_path / "packed")])
+    train.main(common + ["--output", str(tmp_path / "padded"), "--no-packing"])
+    packed, padded = losses(tmp_path / "packed"), losses(tmp_path / "padded")
+    assert len(padded) == 3 and max(abs(a - b) for a, b in zip(packed, padded)) <= 1e-5 * max(packed)
+
+
+def test_reference_model_names_where_the_cached_scores_came_from(workspace, tmp_path):
+    """Stage 2 may start from another encoder than the one that scored the references: the cache's
+    key is then checked against --reference-model, and refused without it."""
+    scores = tmp_path / "reference.pt"
+    train.main(["reference", "--encoder", str(workspace["encoder"]), "--decoder",
+                str(workspace["base"]), "--data", str(workspace["stage2"]), "--output", str(scores)])
+    other = tmp_path / "other-encoder"
+    AutoRegEmbed.from_pretrained(workspace["encoder"]).save_pretrained(other)
+    (other / "note.txt").write_text("a different model directory")  # a different cache key
+    common = ["align", "--encoder", str(other), "--decoder", str(workspace["base"]), "--data",
+              str(workspace["stage2"]), "--reference-scores", str(scores), "--batch-size", "4",
+              "--steps", "1", "--lr", "1e-4"]
+    with pytest.raises(SystemExit, match="reference"):
+        train.main(common + ["--output", str(tmp_path / "refused")])
+    train.main(common + ["--output", str(tmp_path / "ok"), "--reference-model", str(workspace["encoder"])])
+    assert len(losses(tmp_path / "ok")) == 1
 
 
 def test_align_refuses_a_cache_from_other_data(workspace, tmp_path):
@@ -180,9 +232,9 @@ def test_fsdp_with_gradient_checkpointing_matches_one_plain_process(workspace, t
 
 @pytest.mark.slow
 def test_fsdp_with_texts_of_very_different_lengths(workspace, tmp_path):
-    """Length groups would make the ranks run different numbers of encoder passes, each an FSDP2
-    all-gather: a hang. Under --fsdp the encoder runs one padded pass; the trajectory still matches
-    one process (which groups its lengths)."""
+    """Texts of 1 word and of 50-70 words on the same ranks: if the number of encoder passes
+    depended on the lengths, the ranks would make different numbers of FSDP2 all-gathers and hang.
+    Each call is one packed pass whatever the lengths; the trajectory matches one process."""
     rows = stage2_rows(8)
     for i, row in enumerate(rows):  # 1 word or 50-70 words
         row["query"] = row["query"].split()[0] if i % 2 else " ".join([row["query"]] * 12)
@@ -248,7 +300,7 @@ def test_a_bf16_checkpoint_trains_on_fp32_master_weights(workspace, tmp_path, pa
     """An update far below bf16's spacing must still move the weights: the encoder trains in fp32
     (and saves fp32) even when its checkpoint is bf16; with FSDP2, bf16 compute comes from its mixed
     precision policy over fp32 shards."""
-    from autoregembed_fast.model import load_causal_lm
+    from autoregembed_fast.method.model import load_causal_lm
 
     base, tokenizer = load_causal_lm(str(workspace["base"]))
     base.to(torch.bfloat16).save_pretrained(tmp_path / "bf16-base")
@@ -277,7 +329,7 @@ def test_compress_with_memory_norm_keeps_it_through_save_and_load(workspace):
                 "--output", str(out), "--batch-size", "4", "--steps", "2", "--lr", "1e-3",
                 "--memory-norm", "embedding"])
     model = AutoRegEmbed.from_pretrained(out / "model")
-    from autoregembed_fast.model import load_causal_lm
+    from autoregembed_fast.method.model import load_causal_lm
 
     base = load_causal_lm(str(workspace["base"]))[0]
     expected = base.get_input_embeddings().weight.double().norm(dim=1).mean().item()
@@ -296,10 +348,10 @@ def test_bos_before_memory_is_a_setting_of_the_saved_model(workspace, tmp_path):
     from torch.nn import functional as F
 
     from autoregembed_fast import score_targets
-    from autoregembed_fast.data import Tokenization, compression_batch, read_alignment_rows, read_jsonl
-    from autoregembed_fast.data import COMPRESSION_FIELDS, encoder_ids, instruction_for, target_ids
-    from autoregembed_fast.model import frozen_decoder, load_causal_lm, memory_for_decoder
-    from autoregembed_fast.objectives import CompressionObjective
+    from autoregembed_fast.method.data import Tokenization, compression_batch, read_alignment_rows, read_jsonl
+    from autoregembed_fast.method.data import COMPRESSION_FIELDS, encoder_ids, instruction_for, target_ids
+    from autoregembed_fast.method.model import frozen_decoder, load_causal_lm, memory_for_decoder
+    from autoregembed_fast.method.training.objectives import CompressionObjective
 
     out = tmp_path / "stage1"
     train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
@@ -357,11 +409,11 @@ def test_detached_self_score_stops_the_gradient_into_the_positives_memory(worksp
     """The positive's memory M_pos enters the loss only through s_pp = log p(pos | M_pos): with the
     stop-gradient it gets no gradient at all, without it it does; the query's memory gets one either
     way, and the loss value is the same."""
-    from autoregembed_fast.data import Tokenization, read_alignment_rows
-    from autoregembed_fast.losses import AlignmentLoss
-    from autoregembed_fast.model import frozen_decoder, load_causal_lm, load_encoder
-    from autoregembed_fast.objectives import AlignmentObjective
-    from autoregembed_fast.references import References
+    from autoregembed_fast.method.data import Tokenization, read_alignment_rows
+    from autoregembed_fast.method.losses import AlignmentLoss
+    from autoregembed_fast.method.model import frozen_decoder, load_causal_lm, load_encoder
+    from autoregembed_fast.method.training.objectives import AlignmentObjective
+    from autoregembed_fast.method.training.references import References
 
     encoder = load_encoder(str(workspace["encoder"])).eval()
     decoder = frozen_decoder(load_causal_lm(str(workspace["base"]))[0])
@@ -392,7 +444,7 @@ def test_compress_token_lr_moves_the_compress_embeddings_at_their_own_rate(works
     lr * sign(gradient)): with --compress-token-lr 100x --lr, the compress-token embeddings move
     100x further than the rest; and what is saved is what was trained (the rows of the saved
     embedding matrix, reloaded into the separate parameter)."""
-    from autoregembed_fast.model import load_encoder
+    from autoregembed_fast.method.model import load_encoder
 
     torch.manual_seed(0)
     start = load_encoder(str(workspace["base"]), 5)

@@ -13,17 +13,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from autoregembed_fast.checkpoint import (
+from autoregembed_fast.method.training.checkpoint import (
     CHECKPOINT,
     load_sharded_checkpoint,
     save_checkpoint,
     set_rng_state,
     sharded_checkpoint_of,
 )
-from autoregembed_fast.cluster import Cluster, epoch_batches
-from autoregembed_fast.lora import merge_lora
-from autoregembed_fast.model import AutoRegEmbed
-from autoregembed_fast.sharding import full_model_state, shard_encoder
+from autoregembed_fast.method.training.cluster import Cluster, epoch_batches
+from autoregembed_fast.method.lora import merge_lora
+from autoregembed_fast.method.model import AutoRegEmbed
+from autoregembed_fast.method.training.sharding import full_model_state, shard_encoder
 
 LOG = "log.jsonl"
 

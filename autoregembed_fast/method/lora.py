@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from autoregembed_fast.model import AutoRegEmbed
+from autoregembed_fast.method.model import AutoRegEmbed
 
 
 def add_lora(model: AutoRegEmbed, rank: int) -> None:

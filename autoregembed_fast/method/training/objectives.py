@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from autoregembed_fast.data import (
+from autoregembed_fast.method.data import (
     Tokenization,
     alignment_batch,
     compression_batch,
@@ -18,17 +18,20 @@ from autoregembed_fast.data import (
     split_alignment_scores,
     target_ids,
 )
-from autoregembed_fast.losses import AlignmentLoss, CompressionLoss
-from autoregembed_fast.model import decoder_scoring_inputs, lm_head_of, memory_for_decoder, score_targets
+from autoregembed_fast.huggingface import lm_head_of
+from autoregembed_fast.method.losses import AlignmentLoss, CompressionLoss
+from autoregembed_fast.method.model import decoder_scoring_inputs, memory_for_decoder, score_targets
 
 
 class CompressionObjective:
     """Stage 1: token cross-entropy of output + [eos] given the memory of context + instruction.
-    `decoder_bos_id`: the token the decoder reads before the memory (`AutoRegEmbed.decoder_bos_id`)."""
+    `decoder_bos_id`: the token the decoder reads before the memory (`AutoRegEmbed.decoder_bos_id`);
+    `packed`: the decoder runs padding-free (False: one right-padded batch)."""
 
-    def __init__(self, decoder, tokenizer, settings: Tokenization, rows, decoder_bos_id=None):
+    def __init__(self, decoder, tokenizer, settings: Tokenization, rows, decoder_bos_id=None,
+                 packed: bool = True):
         self.decoder, self.tokenizer, self.settings, self.rows = decoder, tokenizer, settings, rows
-        self.decoder_bos_id = decoder_bos_id
+        self.decoder_bos_id, self.packed = decoder_bos_id, packed
         self.target_lengths = [len(target_ids(tokenizer, row["output"], settings)) for row in rows]
         self.loss = CompressionLoss(shift=False, reduction="sum", softcap=lm_head_of(decoder)[2])
 
@@ -42,13 +45,13 @@ class CompressionObjective:
                                     self.decoder_bos_id)
         index = torch.arange(len(rows), device=device)
         hidden, labels, weight, bias, _ = decoder_scoring_inputs(
-            self.decoder, memory, batch["target_ids"], batch["target_mask"], index)
+            self.decoder, memory, batch["target_ids"], batch["target_mask"], index, self.packed)
         return self.loss(hidden, weight, labels, bias), int(batch["target_mask"].sum())
 
 
-def sequence_scores(decoder, memory, batch, average: bool):
+def sequence_scores(decoder, memory, batch, average: bool, packed: bool = True):
     scores = score_targets(decoder, memory, batch["target_ids"], batch["target_mask"],
-                           batch["memory_index"])
+                           batch["memory_index"], packed=packed)
     return scores / batch["target_mask"].sum(dim=1) if average else scores
 
 
@@ -57,14 +60,14 @@ class AlignmentObjective:
     pos | M_query, pos | M_pos and every neg | M_query, the alignment loss against cached references.
     With `detach_self_score`, s_pp = log p(pos | M_pos) is a constant target for s_qp: the alignment
     term then moves the query's memory only, and cannot be met by making the positive's own
-    reconstruction worse. `decoder_bos_id`: as in `CompressionObjective`."""
+    reconstruction worse. `decoder_bos_id`, `packed`: as in `CompressionObjective`."""
 
     def __init__(self, decoder, tokenizer, settings, loss: AlignmentLoss, references, average,
-                 detach_self_score: bool = False, decoder_bos_id=None):
+                 detach_self_score: bool = False, decoder_bos_id=None, packed: bool = True):
         self.decoder, self.tokenizer, self.settings = decoder, tokenizer, settings
         self.loss, self.references, self.average = loss, references, average
         self.detach_self_score = detach_self_score
-        self.decoder_bos_id = decoder_bos_id
+        self.decoder_bos_id, self.packed = decoder_bos_id, packed
 
     def count(self, rows) -> int:
         return len(rows)
@@ -75,7 +78,7 @@ class AlignmentObjective:
         batch = {k: v.to(device) for k, v in batch.items()}
         memory = memory_for_decoder(self.decoder, model(batch["input_ids"], batch["attention_mask"]),
                                     self.decoder_bos_id)
-        scores = sequence_scores(self.decoder, memory, batch, self.average)
+        scores = sequence_scores(self.decoder, memory, batch, self.average, self.packed)
         s_qp, s_pp, s_qn = split_alignment_scores(scores.float(), len(rows), n_negatives)
         if self.detach_self_score:
             s_pp = s_pp.detach()

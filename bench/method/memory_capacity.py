@@ -1,6 +1,6 @@
 """What the frozen decoder can read from k memory vectors: the yardstick for stage 1.
 
-    python -m bench.memory_capacity [--model smollm2|DIR] [--texts FILE] [--limit 16] [--k 5]
+    python -m bench.method.memory_capacity [--model smollm2|DIR] [--texts FILE] [--limit 16] [--k 5]
         [--steps 100] [--lr 1e-2] [--encoder DIR ...] [--json FILE]
 
 Optimises k input vectors per text directly against the frozen decoder (no encoder: AdamW on the
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from autoregembed_fast.data import COMPRESSION_FIELDS, FIXED_INSTRUCTION, Tokenization, compression_batch
-from autoregembed_fast.model import (
+from autoregembed_fast.method.data import COMPRESSION_FIELDS, FIXED_INSTRUCTION, Tokenization, compression_batch
+from autoregembed_fast.method.model import (
     AutoRegEmbed,
     decoder_scoring_inputs,
     frozen_decoder,
@@ -34,9 +34,9 @@ from autoregembed_fast.model import (
     memory_for_decoder,
 )
 from autoregembed_fast.ops import token_logprobs
-from autoregembed_fast.reconstruction import per_text_nll, reconstruction_nlls, summarise
+from autoregembed_fast.method.reconstruction import per_text_nll, reconstruction_nlls, summarise
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TEXTS = ROOT / "examples" / "data" / "medi_nli_train.jsonl"
 
 
@@ -50,7 +50,7 @@ def read_texts(path, limit: int) -> list[dict]:
                             if isinstance(row.get(field), str)})
         rows = [{"context": s, "instruction": FIXED_INSTRUCTION, "output": s} for s in sentences]
     else:
-        from autoregembed_fast.data import read_jsonl
+        from autoregembed_fast.method.data import read_jsonl
 
         rows = read_jsonl(path, COMPRESSION_FIELDS)
     if limit < 2 or len(rows) < 2:
@@ -99,7 +99,7 @@ def format_row(name: str, result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.memory_capacity", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.method.memory_capacity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help='the frozen decoder: "smollm2" or a directory')
     parser.add_argument("--texts", default=str(DEFAULT_TEXTS))

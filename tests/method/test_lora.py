@@ -4,9 +4,9 @@ embeddings, and the combination with FSDP2 is refused with a clear error."""
 import pytest
 import torch
 
-from autoregembed_fast import train
-from autoregembed_fast.lora import add_lora, merge_lora
-from autoregembed_fast.model import AutoRegEmbed, load_causal_lm
+from autoregembed_fast.method.training import commands as train
+from autoregembed_fast.method.lora import add_lora, merge_lora
+from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
 from tiny_models import save_tiny_base, stage1_rows, write_jsonl
 
 

@@ -5,7 +5,7 @@ sequence run alone."""
 import pytest
 import torch
 
-from autoregembed_fast.packing import (
+from autoregembed_fast.method.packing import (
     check_packing_support,
     pack_sequences,
     packing_of,

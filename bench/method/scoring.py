@@ -21,7 +21,7 @@ import torch
 
 from bench.memory import PeakRss
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES, TARGETS_PER_EXAMPLE, TOKENS, MEMORY_SLOTS = 8, 5, 64, 5
 
 
@@ -94,7 +94,7 @@ def main(argv=None):
     results = {}
     for path in PATHS:
         done = subprocess.run(
-            [sys.executable, "-m", "bench.scoring", "--worker", path, "--vocab", str(args.vocab),
+            [sys.executable, "-m", "bench.method.scoring", "--worker", path, "--vocab", str(args.vocab),
              "--hidden", str(args.hidden)],
             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if done.returncode != 0:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from autoregembed_fast.sharding import load_sharded_state, sharded_state
+from autoregembed_fast.method.training.sharding import load_sharded_state, sharded_state
 
 CHECKPOINT = "checkpoint.pt"
 SHARDED_CHECKPOINT = "checkpoint"  # a directory, with --fsdp

@@ -4,10 +4,10 @@ import hashlib
 import re
 from pathlib import Path
 
-from autoregembed_fast import demo
-from autoregembed_fast.data import ALIGNMENT_FIELDS, read_jsonl
+from autoregembed_fast.method import demo
+from autoregembed_fast.method.data import ALIGNMENT_FIELDS, read_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_data_ships_inside_the_repository():
@@ -64,7 +64,7 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
         assert metrics["sts_b_spearman_pairs"] == 30
     for nll in results["reconstruction_nll"].values():
         assert nll["texts"] == 30 and nll["own_ci95"][0] <= nll["own"] <= nll["own_ci95"][1]
-    from autoregembed_fast.model import AutoRegEmbed
+    from autoregembed_fast.method.model import AutoRegEmbed
 
     assert AutoRegEmbed.from_pretrained(out / "stage2" / "model").bos_before_memory
     contrastive_steps = [json.loads(line)["step"] for line in

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from autoregembed_fast.data import Tokenization, negatives_of
+from autoregembed_fast.method.data import Tokenization, negatives_of
 
 
 def file_digest(path: Path, hasher) -> None:

@@ -1,5 +1,6 @@
-"""`patch_model`: a Hugging Face causal LM computes its training loss with the fused linear
-cross-entropy, so the LM head never runs over the full sequence and no logits are materialised."""
+"""The Hugging Face integration: `lm_head_of` (a causal LM's output head as the op takes it) and
+`patch_model` (a causal LM computes its training loss with the fused linear cross-entropy, so the LM
+head never runs over the full sequence and no logits are materialised)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ SUPPORTED_MODELS = (
     "Qwen3ForCausalLM",
 )
 IGNORE_INDEX = -100
+
+
+def lm_head_of(decoder):
+    """(weight [V, d], bias [V] or None, softcap or None) of a Hugging Face causal LM's output head:
+    tied or not, with its bias if it has one and the config's final_logit_softcapping if set."""
+    head = decoder.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(decoder).__name__} has no linear output head (get_output_embeddings)")
+    softcap = getattr(decoder.config, "final_logit_softcapping", None)
+    return head.weight, getattr(head, "bias", None), softcap
 
 
 def patch_model(model, *, backend: str = "auto"):
@@ -71,12 +82,11 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     if shift_labels is None:
         # Hugging Face's shift: position t scores labels[t + 1], the last position scores nothing.
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    head = self.get_output_embeddings()
+    weight, bias, softcap = lm_head_of(self)
     loss = linear_cross_entropy(
-        hidden, head.weight, shift_labels.to(hidden.device), bias=getattr(head, "bias", None),
-        shift=False, reduction="mean" if num_items_in_batch is None else "sum",
-        ignore_index=IGNORE_INDEX, softcap=getattr(self.config, "final_logit_softcapping", None),
-        backend=self._autoregembed_backend,
+        hidden, weight, shift_labels.to(hidden.device), bias=bias, shift=False,
+        reduction="mean" if num_items_in_batch is None else "sum", ignore_index=IGNORE_INDEX,
+        softcap=softcap, backend=self._autoregembed_backend,
     )
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from autoregembed_fast.data import (
+from autoregembed_fast.method.data import (
     ALIGNMENT_FIELDS,
     COMPRESSION_FIELDS,
     FIXED_INSTRUCTION,

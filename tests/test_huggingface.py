@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from autoregembed_fast import patch_model
-from autoregembed_fast.patch import SUPPORTED_MODELS
+from autoregembed_fast.huggingface import SUPPORTED_MODELS
 from tiny_models import FAMILIES, HIDDEN, VOCAB, tiny_model
 
 LENGTH = 11

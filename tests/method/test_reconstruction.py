@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from autoregembed_fast.data import Tokenization, compression_batch
-from autoregembed_fast.model import load_causal_lm, load_encoder
-from autoregembed_fast.reconstruction import per_text_nll, reconstruction_nlls, summarise
+from autoregembed_fast.method.data import Tokenization, compression_batch
+from autoregembed_fast.method.model import load_causal_lm, load_encoder
+from autoregembed_fast.method.reconstruction import per_text_nll, reconstruction_nlls, summarise
 from tiny_models import save_tiny_base, stage1_rows
 
 

@@ -5,7 +5,7 @@ Batch of 8 NLI triplets (examples/data/), k = 5, AlignmentLoss with zero referen
   again for the negative, positive for itself), and each target scored through the decoder's full
   logits (log_softmax + gather, the released `_get_batch_logps`);
 - ours: one encoder pass over queries and positives, one `score_targets` pass over all targets, each
-  packed padding-free (`autoregembed_fast.packing`; the released style pads every pass to its
+  packed padding-free (`autoregembed_fast.method.packing`; the released style pads every pass to its
   longest sequence); the table gives the fraction of the tokens the transformer passes process that
   are padding (for ours: the packed rows' unused tails).
 Both start from the same weights; their first-step losses must agree to 1e-4. Each runs in its own
@@ -29,7 +29,7 @@ import torch
 
 from bench.memory import PeakRss
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data" / "medi_nli_train.jsonl"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCH, K = 8, 5
@@ -38,7 +38,7 @@ BATCH, K = 8, 5
 def released_scores(model, decoder, tokenizer, rows, settings, tokens):
     """Sequence log-probs the released way: re-encode the query per target, full logits per target.
     Adds the real (unpadded) tokens of its passes to tokens["real"]."""
-    from autoregembed_fast.data import encoder_ids, instruction_for, pad, pad_id_of, target_ids
+    from autoregembed_fast.method.data import encoder_ids, instruction_for, pad, pad_id_of, target_ids
 
     pad_id = pad_id_of(tokenizer)
 
@@ -72,7 +72,7 @@ def released_scores(model, decoder, tokenizer, rows, settings, tokens):
 
 def our_scores(model, decoder, tokenizer, rows, settings, tokens):
     from autoregembed_fast import score_targets
-    from autoregembed_fast.data import alignment_batch, split_alignment_scores
+    from autoregembed_fast.method.data import alignment_batch, split_alignment_scores
 
     batch = alignment_batch(tokenizer, rows, settings)
     tokens["real"] += (int(batch["attention_mask"].sum()) + K * len(batch["input_ids"])
@@ -88,8 +88,8 @@ STYLES = {"released": released_scores, "ours": our_scores}
 
 def worker(style: str, steps: int) -> dict:
     from autoregembed_fast import AlignmentLoss
-    from autoregembed_fast.data import ALIGNMENT_FIELDS, Tokenization, read_jsonl
-    from autoregembed_fast.model import AutoRegEmbed, frozen_decoder, load_causal_lm
+    from autoregembed_fast.method.data import ALIGNMENT_FIELDS, Tokenization, read_jsonl
+    from autoregembed_fast.method.model import AutoRegEmbed, frozen_decoder, load_causal_lm
 
     rows = read_jsonl(DATA, ALIGNMENT_FIELDS)[:BATCH]
     base, tokenizer = load_causal_lm("smollm2")
@@ -133,7 +133,7 @@ def worker(style: str, steps: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.method.train_step", description=__doc__)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--worker", choices=sorted(STYLES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
         return {}
     results = {}
     for style in STYLES:
-        done = subprocess.run([sys.executable, "-m", "bench.train_step", "--worker", style,
+        done = subprocess.run([sys.executable, "-m", "bench.method.train_step", "--worker", style,
                                "--steps", str(args.steps)], cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         if done.returncode != 0:
