@@ -567,11 +567,17 @@ def test_all_ignored(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead_shape", [(0,), (2, 0)], ids=["N0", "B2xT0"])
 def test_empty_input(backend, lead_shape):
+    """No tokens: an empty fp32 result of the leading shape, and gradients of the inputs' shapes
+    (zero for the head: no token used it) through a backward that runs no kernel."""
     device = backend_device(backend)
-    hidden = torch.randn(*lead_shape, 6, device=device)
+    hidden = torch.randn(*lead_shape, 6, device=device, requires_grad=True)
+    weight = torch.randn(17, 6, device=device, requires_grad=True)
     targets = torch.zeros(lead_shape, dtype=torch.long, device=device)
-    logp = token_logprobs(hidden, torch.randn(17, 6, device=device), targets, backend=backend)
-    assert logp.shape == lead_shape
+    logp = token_logprobs(hidden, weight, targets, backend=backend)
+    assert logp.shape == lead_shape and logp.dtype == torch.float32
+    logp.sum().backward()
+    assert hidden.grad.shape == hidden.shape
+    assert weight.grad is None or torch.equal(weight.grad, torch.zeros_like(weight))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter's numpy
