@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench demo gpu
+.PHONY: install test bench demo demo-long gpu
 
 $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ $(VENV)/.demo-installed: $(STAMP)
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python -m autoregembed_fast.demo --output demo-output
+
+# The same pipeline with the stage 1 that compresses at 135M (2,000 steps x 8, the released method's
+# raw memory at lr 1e-4; README "Making stage 1 compress"): hours on 2 cores, see README.
+demo-long: $(VENV)/.demo-installed
+	$(BIN)/python -m autoregembed_fast.demo --output demo-long-output --stage1-steps 2000 \
+		--stage1-lr 1e-4 --stage1-warmup 0.05 --stage1-memory-norm none
 
 # One command for a machine with a CUDA GPU and no network: `make gpu PYTHON=python3` builds the
 # package in place (editable) against that Python's torch and triton, runs the whole test suite on CUDA

@@ -104,7 +104,7 @@ def plot_results(path: Path, results: dict) -> None:
     plt.close(figure)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m autoregembed_fast.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -141,7 +141,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--sum-logprobs", action="store_true",
                         help="stage 2 on summed sequence log-probs (default: per-token averages)")
     parser.add_argument("--skip-contrastive", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

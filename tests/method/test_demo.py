@@ -72,3 +72,16 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
     assert contrastive_steps[-1] == 2 + 2 * 2  # equal optimizer steps x batch to both stages
     assert json.loads((out / "results.json").read_text())["models"] == results["models"]
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_the_makefile_demo_targets_parse():
+    """`make demo` and `make demo-long` pass settings the demo accepts (a typo would surface only
+    after an hour of stage 1)."""
+    import shlex
+
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    commands = re.findall(r"-m autoregembed_fast\.demo (.*)", makefile)
+    assert len(commands) == 2
+    parsed = [demo.parse_args(shlex.split(command)) for command in commands]
+    assert parsed[1].stage1_steps > parsed[0].stage1_steps
+    assert parsed[1].output != parsed[0].output
