@@ -45,16 +45,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(cluster, output, model, optimizer, scheduler, step, sharded: bool = False) -> None:
-    if sharded:
-        save_sharded_checkpoint(cluster, output, model, optimizer, scheduler, step)
-        return
+def save_checkpoint(cluster, output, model, optimizer, scheduler, step) -> None:
+    """One file written by rank 0 (the whole model: one process or DDP)."""
     if cluster.main:
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step},
                     output / CHECKPOINT)
     if cluster.world > 1:
         dist.barrier()
+
+
+def resumable_checkpoint(output: Path) -> Path | None:
+    """The single-file checkpoint of `output`, if there is one."""
+    return output / CHECKPOINT if (output / CHECKPOINT).is_file() else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    """Restores model, optimizer, scheduler and RNG from a single-file checkpoint; returns the step."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]
 
 
 def save_sharded_checkpoint(cluster, output, model, optimizer, scheduler, step) -> None:

@@ -13,17 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from autoregembed_fast.method.training.checkpoint import (
-    CHECKPOINT,
-    load_sharded_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-    sharded_checkpoint_of,
-)
 from autoregembed_fast.method.training.cluster import Cluster, epoch_batches
 from autoregembed_fast.method.lora import merge_lora
 from autoregembed_fast.method.model import AutoRegEmbed
-from autoregembed_fast.method.training.sharding import full_model_state, shard_encoder
+from autoregembed_fast.method.training.parallel import Parallelism
 
 LOG = "log.jsonl"
 
@@ -62,15 +55,12 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         raise SystemExit(f"{n_rows} rows make no step of batch {args.batch_size} x "
                          f"{cluster.world} ranks x {args.grad_accum} accumulation")
     total_steps = args.steps or steps_per_epoch * args.epochs
+    parallelism = Parallelism(cluster, args.fsdp)
     # Master weights in fp32 whatever the checkpoint's dtype (transformers loads a bf16 checkpoint
     # as bf16): an AdamW update below bf16's spacing (most of them at lr 5e-6) would otherwise
     # vanish. `--bf16` runs the compute under autocast over these fp32 weights.
     model.to(device=cluster.device, dtype=torch.float32).train()
-    if args.fsdp:
-        if not dist.is_initialized():
-            raise SystemExit("--fsdp shards the encoder over the ranks of torchrun: run with "
-                             "`torchrun --nproc_per_node N -m autoregembed_fast.train ...`, N >= 2")
-        shard_encoder(model, bf16=args.bf16)
+    parallelism.shard(model, args.bf16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The fused AdamW (CPU and CUDA) is one kernel over all parameters; the default per-tensor loop
     # took 0.2-1.2 s of a ~5 s CPU step for SmolLM2-135M, the fused one 0.07-0.09 s (NOTES.md).
@@ -80,17 +70,8 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         optimizer, lr_factor(args.lr_schedule, total_steps, math.ceil(args.warmup_ratio * total_steps)))
     step = 0
     if args.resume:
-        step = resume(args, cluster, output, model, optimizer, scheduler)
-    wrapped = model
-    if cluster.world > 1 and not args.fsdp:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-
-    def gradient_sync(last: bool):
-        """Gradients are reduced over ranks on the last micro-batch of a step only."""
-        if args.fsdp:
-            model.set_requires_gradient_sync(last)
-            return contextlib.nullcontext()
-        return contextlib.nullcontext() if last or cluster.world == 1 else wrapped.no_sync()
+        step = resume(parallelism, cluster, output, model, optimizer, scheduler)
+    wrapped = parallelism.wrap(model)
 
     progress = None
     if cluster.main:
@@ -115,16 +96,13 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         loss_sum = 0.0
         optimizer.zero_grad(set_to_none=True)
         for i, rows in enumerate(micro_batches):
-            with gradient_sync(i == len(micro_batches) - 1):
+            with parallelism.gradient_sync(model, wrapped, last=i == len(micro_batches) - 1):
                 with autocast:
                     batch_loss, _ = objective(wrapped, rows, cluster.device)
                 # DDP and FSDP2 average gradients over ranks: scale so the result is the global mean.
                 (batch_loss * cluster.world / global_count).backward()
             loss_sum += batch_loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.item()
+        grad_norm = parallelism.clip_grad_norm(trainable, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -142,15 +120,15 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
             progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{throughput:.1f}")
             progress.update(1)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(cluster, output, model, optimizer, scheduler, step, sharded=args.fsdp)
+            parallelism.save_checkpoint(output, model, optimizer, scheduler, step)
         if args.stop_after and step >= args.stop_after:
             break
-    # With FSDP2 the full state dict is gathered to rank 0 (a collective: every rank takes part).
-    full_state = full_model_state(model) if args.fsdp and step >= total_steps else None
+    finished = step >= total_steps
+    full_state = parallelism.full_state(model) if finished else None
     if cluster.main:
         progress.close()
         log.close()
-        if step >= total_steps:
+        if finished:
             if args.lora:
                 merge_lora(model)
             model.save_pretrained(output / "model", state_dict=full_state)
@@ -160,23 +138,10 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         dist.barrier()
 
 
-def resume(args, cluster, output, model, optimizer, scheduler) -> int:
+def resume(parallelism: Parallelism, cluster, output, model, optimizer, scheduler) -> int:
     """Restores the last checkpoint of `output` (if any) and returns its step; the log's records of
     later steps are dropped (they are redone)."""
-    if args.fsdp:
-        directory = sharded_checkpoint_of(output)
-        step = 0 if directory is None else load_sharded_checkpoint(directory, model, optimizer,
-                                                                   scheduler)
-    else:
-        directory = output / CHECKPOINT if (output / CHECKPOINT).is_file() else None
-        step = 0
-        if directory is not None:
-            state = torch.load(directory, map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            step = state["step"]
+    directory, step = parallelism.resume(output, model, optimizer, scheduler)
     if cluster.main and directory is None:
         print(f"--resume: no checkpoint in {output} yet, starting from step 0")
     elif cluster.main:
