@@ -142,6 +142,7 @@ def score_targets(
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG_FILE = "autoregembed.json"
+PROJECTION_FILE = "memory_projection.pt"  # with memory_projection: its weight and bias
 
 
 def compress_token(i: int) -> str:
@@ -216,11 +217,14 @@ class AutoRegEmbed(nn.Module):
     `bos_before_memory` (off by default, as in the released method): the frozen decoder reads
     `[bos ; memory ; target]` instead of `[memory ; target]` (`memory_for_decoder`); a setting of
     the trained model, so stage 2, the reference scores and the evaluation read it from here.
+
+    `memory_projection` (off by default, as in the released method): a trainable d x d linear map
+    (with bias), started at the identity, applied to the encoder's states before any rescaling.
     """
 
     def __init__(self, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT,
                  memory_norm: float | None = None, bos_before_memory: bool = False,
-                 memory_layer: int | None = None):
+                 memory_layer: int | None = None, memory_projection: bool = False):
         super().__init__()
         layers = encoder.config.num_hidden_layers
         if memory_layer is not None and not 1 <= memory_layer < layers:
@@ -247,6 +251,14 @@ class AutoRegEmbed(nn.Module):
         # (`--compress-token-lr`); `save_pretrained` writes them back into those rows.
         embedding = encoder.get_input_embeddings().weight
         self.compress_embeddings = nn.Parameter(embedding.detach()[self.compress_ids].clone())
+        self.memory_projection = None
+        if memory_projection:
+            hidden_size = embedding.shape[1]
+            self.memory_projection = nn.Linear(hidden_size, hidden_size, dtype=embedding.dtype,
+                                               device=embedding.device)
+            with torch.no_grad():
+                self.memory_projection.weight.copy_(torch.eye(hidden_size))
+                self.memory_projection.bias.zero_()
         # The encoder's own LM head is never used (memory = hidden states): an untied one is frozen so
         # that DDP and the optimizer do not wait for gradients it cannot get.
         head = encoder.get_output_embeddings()
@@ -256,13 +268,14 @@ class AutoRegEmbed(nn.Module):
     @classmethod
     def from_base(cls, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT,
                   memory_norm: float | None = None, bos_before_memory: bool = False,
-                  memory_layer: int | None = None):
+                  memory_layer: int | None = None, memory_projection: bool = False):
         """Adds the k compress tokens to the tokenizer and the encoder's embeddings."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         tokenizer.add_special_tokens({"additional_special_tokens": [compress_token(i) for i in range(k)]})
         encoder.resize_token_embeddings(len(tokenizer))
-        return cls(encoder, tokenizer, k, prompt, memory_norm, bos_before_memory, memory_layer)
+        return cls(encoder, tokenizer, k, prompt, memory_norm, bos_before_memory, memory_layer,
+                   memory_projection)
 
     @property
     def decoder_bos_id(self) -> int | None:
@@ -307,6 +320,8 @@ class AutoRegEmbed(nn.Module):
             mask[rows, positions] = 1
             hidden = self._hidden_states(inputs_embeds=embeddings, attention_mask=mask)
             memory = hidden[rows, positions]
+        if self.memory_projection is not None:
+            memory = self.memory_projection(memory)
         if self.memory_norm is not None:
             memory = F.normalize(memory, dim=-1) * self.memory_norm
         return memory
@@ -350,6 +365,9 @@ class AutoRegEmbed(nn.Module):
             state_dict = self.state_dict()
         state_dict = dict(state_dict)
         compress_embeddings = state_dict.pop("compress_embeddings")
+        if self.memory_projection is not None:
+            torch.save({name: state_dict.pop(f"memory_projection.{name}").detach().cpu()
+                        for name in ("weight", "bias")}, directory / PROJECTION_FILE)
         state_dict = {key.removeprefix("encoder."): value for key, value in state_dict.items()
                       if key.startswith("encoder.")}
         weight = self.encoder.get_input_embeddings().weight
@@ -362,8 +380,8 @@ class AutoRegEmbed(nn.Module):
         self.tokenizer.save_pretrained(directory)
         (directory / CONFIG_FILE).write_text(json.dumps(
             {"k": self.k, "prompt": self.prompt, "memory_norm": self.memory_norm,
-             "bos_before_memory": self.bos_before_memory, "memory_layer": self.memory_layer},
-            indent=2))
+             "bos_before_memory": self.bos_before_memory, "memory_layer": self.memory_layer,
+             "memory_projection": self.memory_projection is not None}, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory):
@@ -374,9 +392,12 @@ class AutoRegEmbed(nn.Module):
             raise ValueError(f"{directory} holds no {CONFIG_FILE}: not a saved AutoRegEmbed model")
         config = json.loads((directory / CONFIG_FILE).read_text())
         encoder = AutoModelForCausalLM.from_pretrained(directory)
-        return cls(encoder, AutoTokenizer.from_pretrained(directory), config["k"], config["prompt"],
-                   config.get("memory_norm"), config.get("bos_before_memory", False),
-                   config.get("memory_layer"))
+        model = cls(encoder, AutoTokenizer.from_pretrained(directory), config["k"], config["prompt"],
+                    config.get("memory_norm"), config.get("bos_before_memory", False),
+                    config.get("memory_layer"), config.get("memory_projection", False))
+        if model.memory_projection is not None:
+            model.memory_projection.load_state_dict(torch.load(directory / PROJECTION_FILE))
+        return model
 
 
 def embedding_norm(model) -> float:

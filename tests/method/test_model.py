@@ -258,21 +258,40 @@ def test_score_targets_under_autocast_scores_the_hidden_states_as_they_come(monk
 
 
 def test_saved_settings_and_compress_embeddings_survive_a_reload(tmp_path):
-    """memory_layer, bos_before_memory, memory_norm and the trained compress-token embeddings (a
-    parameter apart from the embedding matrix) come back from save_pretrained / from_pretrained:
-    the reloaded model gives the same memory."""
+    """memory_layer, bos_before_memory, memory_norm, the memory projection and the trained
+    compress-token embeddings (a parameter apart from the embedding matrix) come back from
+    save_pretrained / from_pretrained: the reloaded model gives the same memory."""
     from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
     from tiny_models import save_tiny_base
 
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
     model = AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_norm=2.5, bos_before_memory=True,
-                                   memory_layer=1)
+                                   memory_layer=1, memory_projection=True)
     with torch.no_grad():
         model.compress_embeddings.add_(torch.randn_like(model.compress_embeddings))
+        model.memory_projection.weight.add_(0.1 * torch.randn_like(model.memory_projection.weight))
+        model.memory_projection.bias.normal_()
     model.save_pretrained(tmp_path / "saved")
     loaded = AutoRegEmbed.from_pretrained(tmp_path / "saved")
     assert (loaded.memory_layer, loaded.bos_before_memory, loaded.memory_norm) == (1, True, 2.5)
+    assert torch.equal(loaded.memory_projection.weight, model.memory_projection.weight)
     assert torch.equal(loaded.compress_embeddings, model.compress_embeddings)
     ids, mask = model.tokenize_texts(["a man plays", "two dogs run here"])
     with torch.no_grad():
         assert torch.equal(loaded(ids, mask), model(ids, mask))
+
+
+def test_the_memory_projection_starts_at_the_identity_and_trains(tmp_path):
+    from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
+    from tiny_models import save_tiny_base
+
+    base = str(save_tiny_base(tmp_path / "base"))
+    torch.manual_seed(0)
+    plain = AutoRegEmbed.from_base(*load_causal_lm(base), 2)
+    torch.manual_seed(0)
+    projected = AutoRegEmbed.from_base(*load_causal_lm(base), 2, memory_projection=True)
+    ids, mask = plain.tokenize_texts(["a man plays", "two dogs run here"])
+    memory = projected(ids, mask)
+    assert torch.allclose(memory, plain(ids, mask), rtol=1e-6, atol=1e-6)
+    memory.square().sum().backward()
+    assert projected.memory_projection.weight.grad.abs().max() > 0

@@ -122,7 +122,8 @@ def command_compress(args) -> None:
     memory_norm = embedding_norm(base) if args.memory_norm == "embedding" else args.memory_norm
     model = AutoRegEmbed.from_base(base, tokenizer, args.k, memory_norm=memory_norm,
                                    bos_before_memory=args.bos_before_memory,
-                                   memory_layer=args.memory_layer)
+                                   memory_layer=args.memory_layer,
+                                   memory_projection=args.memory_projection)
     model.packed = not args.no_packing
     if args.lora:
         add_lora(model, args.lora)
@@ -250,6 +251,9 @@ def parse_args(argv=None):
     compress.add_argument("--memory-layer", type=int, default=None,
                           help="take the memory from this encoder layer's output (1 .. layers - 1) "
                                "instead of the last hidden states (the released method)")
+    compress.add_argument("--memory-projection", action="store_true",
+                          help="a trainable linear map of the memory, started at the identity "
+                               "(not in the released method; saved with the model)")
     compress.add_argument("--bos-before-memory", action="store_true",
                           help="the decoder reads [bos ; memory ; target] instead of the released "
                                "[memory ; target] (a setting of the saved model: stage 2 reads it)")

@@ -484,3 +484,13 @@ def test_learning_rate_schedules(workspace, tmp_path, schedule):
                     for s in range(2, 7)]
     expected = [1e-3 * f for f in [1.0] + after_warmup]
     assert logged == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_compress_with_a_memory_projection_trains_and_saves_it(workspace, tmp_path):
+    train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+                "--output", str(tmp_path / "out"), "--batch-size", "4", "--steps", "2", "--lr", "1e-3",
+                "--memory-projection"])
+    projection = AutoRegEmbed.from_pretrained(tmp_path / "out" / "model").memory_projection
+    moved = (projection.weight - torch.eye(projection.weight.shape[0])).abs().max().item()
+    # Each AdamW step moves an element by about lr (the first step by exactly lr * sign(gradient)).
+    assert 0.9e-3 < moved <= 2.02e-3
