@@ -72,6 +72,20 @@ def _check_target_range(targets, ignore_index, vocab_size) -> None:
         )
 
 
+def _on_scored_tokens(hidden, weight, targets, ignore_index, backend, compute, no_tokens):
+    """The steps the three ops share: the target-range check, the compaction of ignored tokens, then
+    `compute(impl, hidden, targets, kept)` on the scored tokens only, or `no_tokens(hidden)` (the
+    results for zero rows) when there are none. Returns (kept row index or None, result).
+    A backend's GEMMs run in the dtype it was given: autocast must not lower them."""
+    _check_target_range(targets, ignore_index, weight.shape[0])
+    kept, hidden, targets = _compacted(hidden, targets, ignore_index)
+    if targets.numel() == 0:
+        return kept, no_tokens(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        impl = _pick_backend(backend, hidden.device, hidden.dtype)
+        return kept, compute(impl, hidden, targets, kept)
+
+
 @torch.library.custom_op("autoregembed_fast::token_logprobs", mutates_args=())
 def _token_logprobs_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -79,18 +93,19 @@ def _token_logprobs_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p [N], lse [N], d log p / d hidden [N, d] with_jacobian else [0]) of flat inputs of one
     dtype, in the accumulation dtype; 0 (and zero Jacobian rows) for ignored tokens."""
-    _check_target_range(targets, ignore_index, weight.shape[0])
     n_rows, out_dtype = hidden.shape[0], accumulation_dtype(hidden.dtype)
-    kept, hidden, targets = _compacted(hidden, targets, ignore_index)
-    if targets.numel() == 0:
-        jacobian = hidden.new_zeros((n_rows, hidden.shape[1]) if with_jacobian else (0,), dtype=out_dtype)
-        zeros = hidden.new_zeros(n_rows, dtype=out_dtype)
-        return zeros, zeros.clone(), jacobian
-    # A backend's GEMMs run in the dtype it was given: autocast must not lower them.
-    with torch.autocast(hidden.device.type, enabled=False):
-        impl = _pick_backend(backend, hidden.device, hidden.dtype)
+
+    def compute(impl, hidden, targets, kept):
         logp, lse, jacobian = impl.forward(hidden, weight, bias, targets, softcap, with_jacobian)
-    _check_finite(logp)
+        _check_finite(logp)
+        return logp, lse, jacobian
+
+    def no_tokens(hidden):
+        return (hidden.new_zeros(0, dtype=out_dtype), hidden.new_zeros(0, dtype=out_dtype),
+                hidden.new_zeros((0, hidden.shape[1]), dtype=out_dtype) if with_jacobian else None)
+
+    kept, (logp, lse, jacobian) = _on_scored_tokens(hidden, weight, targets, ignore_index, backend,
+                                                    compute, no_tokens)
     jacobian = _scattered(kept, jacobian, n_rows) if with_jacobian else logp.new_empty(0)
     return _scattered(kept, logp, n_rows), _scattered(kept, lse, n_rows), jacobian
 
@@ -112,27 +127,28 @@ def _token_logprobs_backward_op(
     """The trainable-head backward: (grad hidden, grad weight, grad bias) in the inputs' dtypes, each
     an empty [0] tensor unless asked for. Recomputes the logits block by block from the saved lse."""
     n_rows = hidden.shape[0]
-    kept, hidden, targets = _compacted(hidden, targets, ignore_index)
-    if kept is not None:
-        lse, grad_logp = lse.index_select(0, kept), grad_logp.index_select(0, kept)
-    grads = (None, None, None)
-    if targets.numel() > 0:
-        with torch.autocast(hidden.device.type, enabled=False):
-            impl = _pick_backend(backend, hidden.device, hidden.dtype)
-            grads = impl.backward(hidden, weight, bias, targets, lse, grad_logp.to(lse.dtype).contiguous(),
-                                  softcap, need_hidden, need_weight, need_bias and bias is not None)
-    grad_hidden, grad_weight, grad_bias = grads
-    empty = hidden.new_empty(0)
+    need_bias = need_bias and bias is not None
+
+    def compute(impl, hidden, targets, kept):
+        scored_lse, scored_grad = ((lse, grad_logp) if kept is None else
+                                   (lse.index_select(0, kept), grad_logp.index_select(0, kept)))
+        return impl.backward(hidden, weight, bias, targets, scored_lse,
+                             scored_grad.to(lse.dtype).contiguous(), softcap, need_hidden,
+                             need_weight, need_bias)
+
+    kept, (grad_hidden, grad_weight, grad_bias) = _on_scored_tokens(
+        hidden, weight, targets, ignore_index, backend, compute, lambda hidden: (None, None, None))
+    # Nothing scored: zero gradients (a backend returns None for what it was not asked).
     if need_hidden:
-        grad_hidden = (hidden.new_zeros(hidden.shape) if grad_hidden is None
-                       else grad_hidden.to(hidden.dtype))
-        grad_hidden = _scattered(kept, grad_hidden, n_rows)
+        grad_hidden = _scattered(kept, (hidden.new_zeros(0, hidden.shape[1]) if grad_hidden is None
+                                        else grad_hidden.to(hidden.dtype)), n_rows)
     if need_weight:
         grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
-    if need_bias and bias is not None:
+    if need_bias:
         grad_bias = torch.zeros_like(bias) if grad_bias is None else grad_bias.to(bias.dtype)
+    empty = hidden.new_empty(0)
     return (grad_hidden if need_hidden else empty, grad_weight if need_weight else empty.clone(),
-            grad_bias if need_bias and bias is not None else empty.clone())
+            grad_bias if need_bias else empty.clone())
 
 
 @_token_logprobs_backward_op.register_fake
@@ -183,24 +199,26 @@ def _summed_token_logprobs_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of log p over scored tokens [], and its gradients w.r.t. hidden [N, d], weight [V, d] and
     bias [V], each an empty [0] tensor unless asked for), all in the accumulation dtype."""
-    _check_target_range(targets, ignore_index, weight.shape[0])
     n_rows, out_dtype = hidden.shape[0], accumulation_dtype(hidden.dtype)
-    kept, hidden, targets = _compacted(hidden, targets, ignore_index)
-    empty = hidden.new_empty(0, dtype=out_dtype)
-    if targets.numel() == 0:
-        grad_hidden = hidden.new_zeros((n_rows, hidden.shape[1]), dtype=out_dtype) if need_hidden else empty
-        grad_weight = weight.new_zeros(weight.shape, dtype=out_dtype) if need_head else empty.clone()
-        grad_bias = (weight.new_zeros(weight.shape[0], dtype=out_dtype) if need_head and bias is not None
-                     else empty.clone())
-        return hidden.new_zeros((), dtype=out_dtype), grad_hidden, grad_weight, grad_bias
-    with torch.autocast(hidden.device.type, enabled=False):
-        impl = _pick_backend(backend, hidden.device, hidden.dtype)
+    need_bias = need_head and bias is not None
+
+    def compute(impl, hidden, targets, kept):
         logp, grad_hidden, grad_weight, grad_bias = impl.summed_grads(
             hidden, weight, bias, targets, softcap, need_hidden, need_head)
-    _check_finite(logp)
+        _check_finite(logp)
+        return logp, grad_hidden, grad_weight, grad_bias
+
+    def no_tokens(hidden):
+        zeros = dict(dtype=out_dtype, device=hidden.device)
+        return (torch.zeros(0, **zeros), torch.zeros(0, hidden.shape[1], **zeros),
+                torch.zeros(weight.shape, **zeros) if need_head else None,
+                torch.zeros(weight.shape[0], **zeros) if need_bias else None)
+
+    kept, (logp, grad_hidden, grad_weight, grad_bias) = _on_scored_tokens(
+        hidden, weight, targets, ignore_index, backend, compute, no_tokens)
+    empty = hidden.new_empty(0, dtype=out_dtype)
     return (logp.sum(), _scattered(kept, grad_hidden, n_rows) if need_hidden else empty,
-            grad_weight if need_head else empty.clone(),
-            grad_bias if need_head and bias is not None else empty.clone())
+            grad_weight if need_head else empty.clone(), grad_bias if need_bias else empty.clone())
 
 
 @_summed_token_logprobs_op.register_fake
