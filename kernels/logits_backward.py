@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from autoregembed_fast.kernels import on_device, operand_kind, token_bucket
+from autoregembed_fast.kernels.autotuning import tuned_by_operand_kind
 from autoregembed_fast.kernels.tl_utils import (
     INTERPRETING, apply_softcap, grouped_tile, logits_tile, softcap_slope, tile_indices,
 )
@@ -97,23 +98,11 @@ GPU_CONFIGS_FP32 = [
                   num_stages=2),
 ]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP": 2})]
-AUTOTUNE_KEY = ["D", "V", "n_bucket"]
-
-
-def autotuned(configs, do_bench=None):
-    """The kernel behind an autotuner over `configs`, keyed on (D, V, bucket of N) and the dtypes. The
-    outputs are accumulated with atomics, so trial runs re-zero them."""
-    return triton.autotune(
-        configs=configs, key=AUTOTUNE_KEY, do_bench=do_bench,
-        reset_to_zero=["grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"],
-    )(_logits_backward_kernel)
-
-
-# One autotuner per operand kind ("16-bit" or "fp32"), each over its own configs.
-TUNED = {
-    kind: autotuned(INTERPRETER_CONFIGS if INTERPRETING else configs)
-    for kind, configs in (("16-bit", GPU_CONFIGS_16BIT), ("fp32", GPU_CONFIGS_FP32))
-}
+RESET_TO_ZERO = ["grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"]
+# One autotuner per operand kind ("16-bit" or "fp32"), each over its own configs. The outputs are
+# accumulated with atomics, so trial runs re-zero them.
+TUNED = tuned_by_operand_kind(_logits_backward_kernel, GPU_CONFIGS_16BIT, GPU_CONFIGS_FP32,
+                              INTERPRETER_CONFIGS, reset_to_zero=RESET_TO_ZERO)
 
 
 def logits_backward(hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden,

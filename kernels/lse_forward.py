@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from autoregembed_fast.kernels import on_device, operand_kind, token_bucket
+from autoregembed_fast.kernels.autotuning import tuned_by_operand_kind
 from autoregembed_fast.kernels.tl_utils import (
     INTERPRETING, apply_softcap, logits_tile, tile_indices,
 )
@@ -78,19 +79,9 @@ GPU_CONFIGS_FP32 = [
 ]
 # Large tiles under the interpreter: its cost grows with the number of tile steps, not their size.
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32})]
-AUTOTUNE_KEY = ["D", "V", "n_bucket"]
-
-
-def autotuned(configs, do_bench=None):
-    """The kernel behind an autotuner over `configs`, keyed on (D, V, bucket of N) and the dtypes."""
-    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, do_bench=do_bench)(_lse_forward_kernel)
-
-
 # One autotuner per operand kind ("16-bit" or "fp32"), each over its own configs.
-TUNED = {
-    kind: autotuned(INTERPRETER_CONFIGS if INTERPRETING else configs)
-    for kind, configs in (("16-bit", GPU_CONFIGS_16BIT), ("fp32", GPU_CONFIGS_FP32))
-}
+TUNED = tuned_by_operand_kind(_lse_forward_kernel, GPU_CONFIGS_16BIT, GPU_CONFIGS_FP32,
+                              INTERPRETER_CONFIGS)
 
 
 def default_num_splits(n_tokens: int, vocab_size: int, device: torch.device) -> int:

@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 
 import autoregembed_fast.kernels as kernels  # noqa: E402
 from autoregembed_fast.kernels import (  # noqa: E402
-    logits_backward, logits_epilogue, lse_forward, tl_utils,
+    autotuning, logits_backward, logits_epilogue, lse_forward, tl_utils,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,8 +329,11 @@ def two_configs(module):
 def test_autotune_key_holds_a_bucket_of_n(monkeypatch):
     """A new N re-tunes when it falls in a new power-of-two bucket, and only then; trial runs leave the
     atomically accumulated outputs zeroed, so the tuned call's results are right."""
-    lse_tuned = lse_forward.autotuned(two_configs(lse_forward), do_bench=fake_do_bench)
-    backward_tuned = logits_backward.autotuned(two_configs(logits_backward), do_bench=fake_do_bench)
+    lse_tuned = autotuning.autotuned(lse_forward._lse_forward_kernel, two_configs(lse_forward),
+                                     do_bench=fake_do_bench)
+    backward_tuned = autotuning.autotuned(logits_backward._logits_backward_kernel,
+                                          two_configs(logits_backward), do_bench=fake_do_bench,
+                                          reset_to_zero=logits_backward.RESET_TO_ZERO)
     monkeypatch.setitem(lse_forward.TUNED, "fp32", lse_tuned)
     monkeypatch.setitem(logits_backward.TUNED, "fp32", backward_tuned)
     for n_tokens in (5, 7, 40):  # buckets 8, 8, 64
@@ -344,7 +347,7 @@ def test_autotune_key_holds_a_bucket_of_n(monkeypatch):
         for actual, want in zip(got, oracle_grads(hidden, weight, targets, grad, bias)):
             assert (actual.double() - want).abs().max() <= 1e-4 * want.abs().max()
     for tuned in (lse_tuned, backward_tuned):
-        buckets = sorted(key[lse_forward.AUTOTUNE_KEY.index("n_bucket")] for key in tuned.cache)
+        buckets = sorted(key[autotuning.AUTOTUNE_KEY.index("n_bucket")] for key in tuned.cache)
         assert buckets == [8, 64]
 
 
