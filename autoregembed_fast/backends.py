@@ -44,7 +44,6 @@ def block_rows_for_budget(vocab_size: int, bytes_per_logit: int, budget_bytes: i
 class CpuBackend:
     """Chunked GEMM + fused epilogue in C++ (`csrc/token_logprobs_cpu.cpp`)."""
 
-    name = "cpu"
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
     def __init__(self, block_bytes: int | None = None):
@@ -102,6 +101,25 @@ def fp32_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def blocks(total: int, size: int):
+    """Consecutive slices of at most `size` covering range(total)."""
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def chunk_logits(hidden_rows, weight, bias, columns):
+    """fp32 logits of a block of token rows against the vocabulary rows `columns` of the head."""
+    logits = fp32_gemm(hidden_rows, weight[columns].t())
+    if bias is not None:
+        logits += bias[columns].float()
+    return logits
+
+
+def weights_buffer(logits, weight):
+    """Where an epilogue writes softmax weights or gradient coefficients: 16-bit weights feed the
+    next GEMM's tensor cores, so a buffer in their dtype; fp32 ones overwrite the logits."""
+    return torch.empty_like(logits, dtype=weight.dtype) if weight.dtype in LOW_PRECISION else logits
+
+
 class ChunkedRoute:
     """The chunked route on GPU tensors: the work is tiled into (R tokens) x (Vc vocabulary) chunks;
     each chunk's fp32 logits come from one GEMM, an epilogue kernel (Triton or CUDA) turns them into
@@ -131,18 +149,6 @@ class ChunkedRoute:
         columns = max(1, min(vocab_size, self.block_bytes // (rows * bytes_per_logit)))
         return rows, columns
 
-    @staticmethod
-    def _chunk_logits(hidden_rows, weight, bias, columns):
-        logits = fp32_gemm(hidden_rows, weight[columns].t())
-        if bias is not None:
-            logits += bias[columns].float()
-        return logits
-
-    @staticmethod
-    def _weights_buffer(logits, weight):
-        # 16-bit weights feed the second GEMM's tensor cores; fp32 ones overwrite the logits.
-        return torch.empty_like(logits, dtype=weight.dtype) if weight.dtype in LOW_PRECISION else logits
-
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
         # The GEMMs take hidden and weight as any strided views; the CUDA epilogue reads targets by
         # row, so a strided targets vector is copied (N int64s).
@@ -154,15 +160,13 @@ class ChunkedRoute:
         target_logit = torch.zeros(n_tokens, **stats)
         jacobian = torch.zeros(hidden.shape, **stats) if with_jacobian else None
         rows, columns = self._tiles(n_tokens, weight, with_jacobian)
-        for row_start in range(0, n_tokens, rows):
-            row_block = slice(row_start, min(row_start + rows, n_tokens))
-            alpha = torch.empty(row_block.stop - row_start, **stats) if with_jacobian else None
-            for col_start in range(0, vocab_size, columns):
-                col_block = slice(col_start, min(col_start + columns, vocab_size))
-                logits = self._chunk_logits(hidden[row_block], weight, bias, col_block)
-                weights = self._weights_buffer(logits, weight) if with_jacobian else None
+        for row_block in blocks(n_tokens, rows):
+            alpha = torch.empty(row_block.stop - row_block.start, **stats) if with_jacobian else None
+            for col_block in blocks(vocab_size, columns):
+                logits = chunk_logits(hidden[row_block], weight, bias, col_block)
+                weights = weights_buffer(logits, weight) if with_jacobian else None
                 self.epilogues.online_softmax_chunk(
-                    logits, targets[row_block], col_start, softcap, running_max[row_block],
+                    logits, targets[row_block], col_block.start, softcap, running_max[row_block],
                     running_sumexp[row_block], target_logit[row_block], weights, alpha)
                 if with_jacobian:
                     jacobian[row_block].mul_(alpha[:, None]).add_(
@@ -188,14 +192,12 @@ class ChunkedRoute:
         grad_bias = torch.zeros(weight.shape[0], **stats) if need_bias else None
         n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
         rows, columns = self._tiles(n_tokens, weight, True)
-        for row_start in range(0, n_tokens, rows):
-            row_block = slice(row_start, min(row_start + rows, n_tokens))
-            for col_start in range(0, vocab_size, columns):
-                col_block = slice(col_start, min(col_start + columns, vocab_size))
-                logits = self._chunk_logits(hidden[row_block], weight, bias, col_block)
-                coeff = self._weights_buffer(logits, weight)
+        for row_block in blocks(n_tokens, rows):
+            for col_block in blocks(vocab_size, columns):
+                logits = chunk_logits(hidden[row_block], weight, bias, col_block)
+                coeff = weights_buffer(logits, weight)
                 self.epilogues.grad_coefficients_chunk(
-                    logits, targets[row_block], col_start, softcap, lse[row_block],
+                    logits, targets[row_block], col_block.start, softcap, lse[row_block],
                     grad_logp[row_block], coeff)
                 if need_hidden:
                     grad_hidden[row_block] += fp32_gemm(coeff, weight[col_block])
@@ -219,7 +221,6 @@ class TritonBackend:
     are formed: "chunked" (cuBLAS GEMMs around the Triton epilogue kernels) or "fused" (the
     log-sum-exp kernel, then the recompute kernel with a unit upstream gradient; no logits buffer)."""
 
-    name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def __init__(self, route: str = "chunked", summed_block_bytes: int | None = None):
@@ -276,10 +277,9 @@ class TritonBackend:
         rows = min(GPU_MAX_BLOCK_ROWS,
                    block_rows_for_budget(vocab_size, bytes_per_logit, self.summed_block_bytes))
         every_column = slice(None)
-        for row_start in range(0, n_tokens, rows):
-            block = slice(row_start, min(row_start + rows, n_tokens))
-            block_rows = block.stop - row_start
-            logits = ChunkedRoute._chunk_logits(hidden[block], weight, bias, every_column)
+        for block in blocks(n_tokens, rows):
+            block_rows = block.stop - block.start
+            logits = chunk_logits(hidden[block], weight, bias, every_column)
             running_max = torch.full((block_rows,), float("-inf"), **stats)
             running_sumexp = torch.zeros(block_rows, **stats)
             target_logit = torch.zeros(block_rows, **stats)
@@ -287,7 +287,7 @@ class TritonBackend:
                                                  running_sumexp, target_logit)
             lse = running_max + torch.log(running_sumexp)
             logp[block] = target_logit - lse
-            coeff = ChunkedRoute._weights_buffer(logits, weight)
+            coeff = weights_buffer(logits, weight)
             logits_epilogue.grad_coefficients_chunk(logits, targets[block], 0, softcap, lse,
                                                     torch.ones_like(lse), coeff, logits_capped=True)
             if need_hidden:
@@ -328,7 +328,6 @@ class CudaEpilogues:
 class CudaBackend(ChunkedRoute):
     """cuBLAS GEMMs on token blocks around the CUDA epilogue kernel, for every path."""
 
-    name = "cuda"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def __init__(self, block_bytes: int | None = None):

@@ -490,7 +490,6 @@ class BackendSpy:
 
     def __init__(self):
         self.inner = backends.CpuBackend()
-        self.name = "cpu"
         self.dtypes = self.inner.dtypes
         self.forward_calls = []
         self.backward_calls = 0
