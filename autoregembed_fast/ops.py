@@ -37,7 +37,11 @@ from autoregembed_fast.backends import accumulation_dtype
 from autoregembed_fast.kernels import INTERPRETING
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "reference", "cpu", "triton", "triton-fused", "cuda")
+# Named by algorithm: "chunked-*" = GEMMs on blocks of tokens x vocabulary around an epilogue kernel
+# (Triton or CUDA), "fused-triton" = streaming Triton kernels only, no logits buffer.
+BACKENDS = ("auto", "reference", "cpu", "chunked-triton", "fused-triton", "chunked-cuda")
+# The names of the first releases (by technology), still accepted.
+BACKEND_ALIASES = {"triton": "chunked-triton", "triton-fused": "fused-triton", "cuda": "chunked-cuda"}
 
 
 # The op is registered with torch.library so that torch.compile traces through it (fullgraph, dynamic
@@ -313,8 +317,9 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend not in BACKENDS and backend not in BACKEND_ALIASES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} (or an old name: "
+                         f"{', '.join(BACKEND_ALIASES)})")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, d], got {tuple(weight.shape)}")
     vocab_size, dim = weight.shape
@@ -355,33 +360,35 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
 def _check_backend_device(backend: str, device: torch.device) -> None:
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    canonical = BACKEND_ALIASES.get(backend, backend)
     # The Triton interpreter (TRITON_INTERPRET=1) runs the Triton kernels on CPU tensors.
-    if backend.startswith("triton") and device.type != "cuda" and not INTERPRETING:
+    if canonical.endswith("triton") and device.type != "cuda" and not INTERPRETING:
         raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
-    if backend == "cuda" and device.type != "cuda":
+    if canonical == "chunked-cuda" and device.type != "cuda":
         raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
 
 
 def _pick_backend(backend: str, device: torch.device, dtype: torch.dtype):
+    backend = BACKEND_ALIASES.get(backend, backend)
     if backend == "auto":
         # CUDA: Triton when it is installed (its no-grad path needs no logits buffer at all; the
         # frozen-head route is the same chunked GEMMs for both). Not yet measured on a GPU.
         if device.type == "cpu":
             backend = "cpu"
         elif device.type == "cuda":
-            backend = "triton" if _triton_available() else "cuda"
+            backend = "chunked-triton" if _triton_available() else "chunked-cuda"
         else:
             raise ValueError(f"no backend for {device.type} tensors; use backend='reference'")
-    if backend == "cuda" and not backends.cuda_extension_available():
+    if backend == "chunked-cuda" and not backends.cuda_extension_available():
         raise RuntimeError(
-            "backend='cuda' needs autoregembed_fast._C built with CUDA (install with a CUDA build of "
-            "torch and nvcc present)"
+            "backend='chunked-cuda' needs autoregembed_fast._C built with CUDA (install with a CUDA "
+            "build of torch and nvcc present)"
         )
     impl = {
         "cpu": backends.CpuBackend,
-        "triton": lambda: backends.TritonBackend(route="chunked"),
-        "triton-fused": lambda: backends.TritonBackend(route="fused"),
-        "cuda": backends.CudaBackend,
+        "chunked-triton": lambda: backends.TritonBackend(route="chunked"),
+        "fused-triton": lambda: backends.TritonBackend(route="fused"),
+        "chunked-cuda": backends.CudaBackend,
     }[backend]()
     if dtype not in impl.dtypes:
         raise TypeError(f"backend={backend!r} supports {impl.dtypes}, got {dtype}")
@@ -429,12 +436,15 @@ def token_logprobs(
         ignore_index: targets with this value score exactly ``0.0``, get zero gradient and cost no FLOPs
             (they are removed before any GEMM).
         softcap: optional positive cap applied to the logits before the softmax.
-        backend: ``"auto"`` (``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors, ``"cuda"``
-            when triton is not installed), ``"cpu"`` (C++), ``"triton"`` (fused Triton kernels; the
-            frozen-head Jacobian by GEMM + Triton epilogue + GEMM), ``"triton-fused"`` (the same, but
-            the Jacobian by a second fused kernel: no logits buffer at all), ``"cuda"`` (GEMMs around
-            a CUDA epilogue kernel) or ``"reference"`` (the materialised eager computation; the test
-            oracle's twin and the benchmarks' baseline). The Triton and CUDA backends take float16,
+        backend: ``"auto"`` (``"cpu"`` for CPU tensors, ``"chunked-triton"`` for CUDA tensors,
+            ``"chunked-cuda"`` when triton is not installed), ``"cpu"`` (BLAS GEMMs on token blocks
+            around a C++ epilogue), ``"chunked-triton"`` (the fused Triton log-sum-exp kernel; the
+            frozen-head Jacobian and scalar losses by cuBLAS GEMM chunks + Triton epilogue + GEMM),
+            ``"fused-triton"`` (Triton kernels only: the Jacobian by a second fused kernel, no
+            logits buffer at all), ``"chunked-cuda"`` (cuBLAS GEMM chunks around a CUDA epilogue
+            kernel) or ``"reference"`` (the materialised eager computation; the test oracle's twin
+            and the benchmarks' baseline). The old names ``"triton"``, ``"triton-fused"`` and
+            ``"cuda"`` are accepted for the three GPU backends. The GPU backends take float16,
             bfloat16 and float32 inputs.
 
     Dtypes: outside autocast the op computes in the type promotion of hidden, weight and bias (a
@@ -460,7 +470,7 @@ def token_logprobs(
         ValueError: mismatched shapes or devices, a target outside ``[0, V)``, non-finite values in
             ``hidden`` / ``weight`` / ``bias``, a bad ``softcap``, an unknown backend or one that
             cannot run on the tensors' device.
-        RuntimeError: ``backend="cuda"`` without the CUDA build of the extension.
+        RuntimeError: ``backend="chunked-cuda"`` without the CUDA build of the extension.
     """
     flat_hidden, weight, bias, flat_targets, softcap = _validate(
         hidden, weight, targets, bias, ignore_index, softcap, backend
@@ -494,9 +504,9 @@ def summed_token_logprobs(
 ) -> torch.Tensor:
     """``token_logprobs(...).sum()`` (a scalar, the sum over scored tokens) for losses that reduce
     over tokens: since every token's upstream gradient is the same scalar, the gradients are formed in
-    the forward sweep and the backward only scales them. On the CPU backend and the `triton`
-    backend that makes a trainable head cost 3 GEMM-equivalents (logits, grad_hidden, grad_weight)
-    instead of the recompute path's 4; `triton-fused` and `cuda` run their lse sweep and recompute
+    the forward sweep and the backward only scales them. On the CPU backend and `chunked-triton`
+    that makes a trainable head cost 3 GEMM-equivalents (logits, grad_hidden, grad_weight)
+    instead of the recompute path's 4; `fused-triton` and `chunked-cuda` run their lse sweep and recompute
     inside the forward (the per-token path's cost). The gradients of the inputs that need one are
     held from the forward to the backward ([N, d] and [V, d] in the accumulation dtype) and scaled
     there in place, so it cannot be backpropagated twice (``retain_graph=True`` raises). Same

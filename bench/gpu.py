@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "bench" / "results" / "gpu"
 PRESET_ORDER = ("llama3-8b", "llama2-7b", "smollm2-135m")  # the headline shape first
 DTYPE_ORDER = ("bfloat16", "float32")
-GPU_IMPLS = ("gemm-floor", "ours-triton", "ours-triton-fused", "ours-cuda", "cut-cross-entropy",
-             "liger-kernel", "quack", "materialised", "chunked-eager")
+GPU_IMPLS = ("gemm-floor", "ours-chunked-triton", "ours-fused-triton", "ours-chunked-cuda",
+             "cut-cross-entropy", "liger-kernel", "quack", "materialised", "chunked-eager")
 
 
 def gpu_or_none() -> str | None:

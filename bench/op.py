@@ -217,9 +217,9 @@ IMPLEMENTATIONS = {  # name: (per-token log-probs function, scalar-loss function
                      needs_module("liger_kernel", "liger-kernel", cuda_only=True)),
     "quack": (quack, quack_loss, needs_module("quack", "quack-kernels", cuda_only=True)),
     "ours-cpu": (ours("cpu"), ours_loss("cpu"), lambda device: None if device == "cpu" else "CPU backend"),
-    "ours-triton": (ours("triton"), ours_loss("triton"), needs_cuda),
-    "ours-triton-fused": (ours("triton-fused"), ours_loss("triton-fused"), needs_cuda),
-    "ours-cuda": (ours("cuda"), ours_loss("cuda"), ours_cuda_needs),
+    "ours-chunked-triton": (ours("chunked-triton"), ours_loss("chunked-triton"), needs_cuda),
+    "ours-fused-triton": (ours("fused-triton"), ours_loss("fused-triton"), needs_cuda),
+    "ours-chunked-cuda": (ours("chunked-cuda"), ours_loss("chunked-cuda"), ours_cuda_needs),
 }
 
 

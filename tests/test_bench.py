@@ -31,7 +31,7 @@ def test_make_gpu_without_a_gpu_says_so_in_one_line(tmp_path):
 def sample_rows():
     rows = []
     for mode, seconds in (("nograd", 0.010), ("frozen", 0.021)):
-        for impl, factor in (("gemm-floor", 1.0), ("ours-triton", 1.1)):
+        for impl, factor in (("gemm-floor", 1.0), ("ours-chunked-triton", 1.1)):
             rows.append({"preset": "llama3-8b", "dtype": "bfloat16", "mode": mode, "impl": impl,
                          "n": 8192, "dim": 4096, "vocab": 128_256, "seconds": seconds * factor,
                          "tflops": 1.0, "of_gemm_rate": 1 / factor, "peak_extra_mb": 64.0,
@@ -47,7 +47,7 @@ def test_gpu_report_holds_every_row(tmp_path):
     gpu.write_markdown(tmp_path / "gpu.md", facts, rows)
     table = (tmp_path / "gpu.md").read_text()
     assert table.count("| llama3-8b | bfloat16 |") == len(rows)
-    assert "| frozen | ours-triton | 23.10 |" in table  # 0.021 s * 1.1 in milliseconds
+    assert "| frozen | ours-chunked-triton | 23.10 |" in table  # 0.021 s * 1.1 in milliseconds
     assert "91%" in table and "skipped: quack-kernels is not installed" in table
     gpu.plot(tmp_path / "gpu.png", facts, rows)
     assert (tmp_path / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

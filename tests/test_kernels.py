@@ -380,7 +380,7 @@ def test_every_launcher_runs_under_its_inputs_device(monkeypatch):
 
 
 @pytest.mark.skipif(INTERPRETING or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-@pytest.mark.parametrize("backend", ["triton", "triton-fused"])
+@pytest.mark.parametrize("backend", ["chunked-triton", "fused-triton"])
 def test_inputs_on_the_second_gpu(backend):
     from autoregembed_fast import token_logprobs
 

@@ -15,7 +15,7 @@ from oracle import oracle_grads, token_logprobs_oracle
 def backend_device(backend: str) -> str:
     """Where a backend's inputs live in these tests: the Triton backends run on CPU tensors under the
     interpreter (TRITON_INTERPRET=1, the default of conftest.py) and on CUDA tensors otherwise."""
-    if backend in ("reference", "cpu") or (backend.startswith("triton") and INTERPRETING):
+    if backend in ("reference", "cpu") or (backend.endswith("triton") and INTERPRETING):
         return "cpu"
     return "cuda"
 
@@ -25,11 +25,12 @@ def backend_runs_here(backend: str) -> bool:
         return True
     if not torch.cuda.is_available():
         return False
-    return backend != "cuda" or backends.cuda_extension_available()
+    return backend != "chunked-cuda" or backends.cuda_extension_available()
 
 
 # On a GPU machine, `TRITON_INTERPRET=0 pytest` runs the compiled Triton kernels and the CUDA backend.
-BACKENDS = [b for b in ("reference", "cpu", "triton", "triton-fused", "cuda") if backend_runs_here(b)]
+BACKENDS = [b for b in ("reference", "cpu", "chunked-triton", "fused-triton", "chunked-cuda")
+            if backend_runs_here(b)]
 FLOAT64_BACKENDS = ["reference", "cpu"]
 IGNORE = -100
 
@@ -652,7 +653,8 @@ def test_cpu_backend_rejects_other_devices():
                        torch.empty(4, dtype=torch.long, device="meta"), backend="cpu")
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton", "triton-fused"])
+@pytest.mark.parametrize("backend", ["chunked-cuda", "chunked-triton", "fused-triton",
+                                     "cuda", "triton", "triton-fused"])
 def test_gpu_backends_reject_cpu_tensors(monkeypatch, backend):
     monkeypatch.setattr(ops, "INTERPRETING", False)  # as outside the Triton interpreter
     hidden, weight, targets, _ = make_inputs((4,), 6, 10, torch.float32)
@@ -664,6 +666,25 @@ def test_int32_targets_accepted():
     hidden, weight, targets, _ = make_inputs((7,), 6, 17, torch.float32)
     expected = token_logprobs(hidden, weight, targets)
     assert torch.equal(token_logprobs(hidden, weight, targets.int()), expected)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the Triton backends run on CPU tensors only when interpreted")
+@pytest.mark.parametrize("old, new", [("triton", "chunked-triton"), ("triton-fused", "fused-triton")])
+def test_old_backend_names_run_the_same_backend(old, new):
+    hidden, weight, targets, _ = make_inputs((9,), 6, 37, torch.float32)
+    hidden.requires_grad_()
+    results = []
+    for name in (old, new):
+        logp = token_logprobs(hidden, weight, targets, backend=name)
+        (grad,) = torch.autograd.grad(logp.sum(), hidden)
+        results.append((logp, grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_unknown_backend_names_the_choices():
+    hidden, weight, targets, _ = make_inputs((3,), 4, 5, torch.float32)
+    with pytest.raises(ValueError, match="chunked-triton.*old name: triton"):
+        token_logprobs(hidden, weight, targets, backend="tritonn")
 
 
 def test_public_api():
