@@ -46,9 +46,6 @@ class CpuBackend:
 
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-    def __init__(self, block_bytes: int | None = None):
-        self.block_bytes = CPU_LOGITS_BLOCK_BYTES if block_bytes is None else block_bytes
-
     @staticmethod
     def extension():
         from autoregembed_fast import _C
@@ -57,7 +54,7 @@ class CpuBackend:
 
     def _block_rows(self, weight: torch.Tensor) -> int:
         bytes_per_logit = torch.empty((), dtype=accumulation_dtype(weight.dtype)).element_size()
-        return block_rows_for_budget(weight.shape[0], bytes_per_logit, self.block_bytes)
+        return block_rows_for_budget(weight.shape[0], bytes_per_logit, CPU_LOGITS_BLOCK_BYTES)
 
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
         logp, lse, jacobian, _, _ = self.extension().token_logprobs_forward_cpu(
@@ -133,10 +130,8 @@ class ChunkedRoute:
     `autoregembed_fast.kernels.logits_epilogue`.
     """
 
-    def __init__(self, epilogues, block_bytes: int | None = None, max_rows: int = GPU_MAX_BLOCK_ROWS):
+    def __init__(self, epilogues):
         self.epilogues = epilogues
-        self.block_bytes = GPU_LOGITS_BLOCK_BYTES if block_bytes is None else block_bytes
-        self.max_rows = max_rows
 
     def _tiles(self, n_tokens, weight, with_weights_buffer):
         """(rows, columns) of one chunk: fp32 logits, plus a weights/coefficients buffer in the input
@@ -145,8 +140,8 @@ class ChunkedRoute:
         bytes_per_logit = 4
         if with_weights_buffer and weight.dtype in LOW_PRECISION:
             bytes_per_logit += weight.element_size()
-        rows = max(1, min(n_tokens, self.max_rows))
-        columns = max(1, min(vocab_size, self.block_bytes // (rows * bytes_per_logit)))
+        rows = max(1, min(n_tokens, GPU_MAX_BLOCK_ROWS))
+        columns = max(1, min(vocab_size, GPU_LOGITS_BLOCK_BYTES // (rows * bytes_per_logit)))
         return rows, columns
 
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
@@ -223,12 +218,10 @@ class TritonBackend:
 
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
-    def __init__(self, route: str = "chunked", summed_block_bytes: int | None = None):
+    def __init__(self, route: str = "chunked"):
         if route not in TRITON_ROUTES:
             raise ValueError(f"route must be one of {TRITON_ROUTES}, got {route!r}")
         self.route = route
-        self.summed_block_bytes = (GPU_SUMMED_BLOCK_BYTES if summed_block_bytes is None
-                                   else summed_block_bytes)
 
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
         from autoregembed_fast.kernels import logits_epilogue
@@ -275,7 +268,7 @@ class TritonBackend:
         grad_bias = torch.zeros(vocab_size, **stats) if need_head and bias is not None else None
         bytes_per_logit = 4 + (weight.element_size() if weight.dtype in LOW_PRECISION else 0)
         rows = min(GPU_MAX_BLOCK_ROWS,
-                   block_rows_for_budget(vocab_size, bytes_per_logit, self.summed_block_bytes))
+                   block_rows_for_budget(vocab_size, bytes_per_logit, GPU_SUMMED_BLOCK_BYTES))
         every_column = slice(None)
         for block in blocks(n_tokens, rows):
             block_rows = block.stop - block.start
@@ -330,5 +323,5 @@ class CudaBackend(ChunkedRoute):
 
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
-    def __init__(self, block_bytes: int | None = None):
-        super().__init__(CudaEpilogues, block_bytes)
+    def __init__(self):
+        super().__init__(CudaEpilogues)

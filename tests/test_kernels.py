@@ -147,11 +147,13 @@ def test_grad_coefficients_chunk_uses_given_lse_grad_and_offset():
 @needs_kernel_device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
-def test_chunked_route_in_many_chunks(dtype, softcap):
+def test_chunked_route_in_many_chunks(monkeypatch, dtype, softcap):
     """The CUDA backend's driver (ChunkedRoute) with the Triton epilogues, tiled into 4 row blocks of
     5 tokens and vocabulary chunks of 35 columns (130 = 3 * 35 + 25)."""
     hidden, weight, bias, targets = random_problem(18, 24, 130, dtype)
-    route = backends.ChunkedRoute(logits_epilogue, block_bytes=5 * 35 * 6, max_rows=5)
+    monkeypatch.setattr(backends, "GPU_LOGITS_BLOCK_BYTES", 5 * 35 * 6)
+    monkeypatch.setattr(backends, "GPU_MAX_BLOCK_ROWS", 5)
+    route = backends.ChunkedRoute(logits_epilogue)
     assert route._tiles(18, weight, with_weights_buffer=dtype == torch.bfloat16) == (5, 35 if dtype == torch.bfloat16 else 52)
     logp, lse, jacobian = route.forward(hidden, weight, bias, targets, softcap, True)
     expected_logp = token_logprobs_oracle(hidden, weight, targets, bias, softcap=softcap)
@@ -175,12 +177,13 @@ def test_chunked_route_in_many_chunks(dtype, softcap):
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)],
                          ids=["both", "hidden", "head"])
-def test_one_sweep_summed_gradients_in_many_blocks(dtype, softcap, need):
+def test_one_sweep_summed_gradients_in_many_blocks(monkeypatch, dtype, softcap, need):
     """The triton backend's one-sweep route for scalar losses in row blocks of 4 tokens holding all
     130 vocabulary columns (18 = 4 * 4 + 2): log p and the gradients of sum(log p), in one pass."""
     hidden, weight, bias, targets = random_problem(18, 24, 130, dtype)
     bytes_per_logit = 4 if dtype == torch.float32 else 6
-    backend = backends.TritonBackend(summed_block_bytes=4 * 130 * bytes_per_logit + 5)
+    monkeypatch.setattr(backends, "GPU_SUMMED_BLOCK_BYTES", 4 * 130 * bytes_per_logit + 5)
+    backend = backends.TritonBackend()
     logp, *grads = backend.summed_grads(hidden, weight, bias, targets, softcap, *need)
     expected_logp = token_logprobs_oracle(hidden, weight, targets, bias, softcap=softcap)
     assert (logp.double() - expected_logp).abs().max() <= 1e-5 * expected_logp.abs().max()
