@@ -52,6 +52,7 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
     results = demo.main(["--model", str(base), "--data", str(data), "--output", str(out),
                          "--heldout", "10", "--sts-b", str(sts), "--batch-size", "4",
                          "--stage1-steps", "2", "--stage1-bos-before-memory",
+                         "--stage1-memory-layer", "1",
                          "--stage1-compress-token-lr", "1e-3", "--stage1-lr-schedule", "constant",
                          "--stage1-memory-norm", "none", "--stage2-steps", "2",
                          "--stage2-grad-accum", "2", "--bf16", "off"])
@@ -66,7 +67,8 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
         assert nll["texts"] == 30 and nll["own_ci95"][0] <= nll["own"] <= nll["own_ci95"][1]
     from autoregembed_fast.method.model import AutoRegEmbed
 
-    assert AutoRegEmbed.from_pretrained(out / "stage2" / "model").bos_before_memory
+    trained = AutoRegEmbed.from_pretrained(out / "stage2" / "model")
+    assert trained.bos_before_memory and trained.memory_layer == 1
     contrastive_steps = [json.loads(line)["step"] for line in
                          (out / "contrastive" / "log.jsonl").read_text().splitlines()]
     assert contrastive_steps[-1] == 2 + 2 * 2  # equal optimizer steps x batch to both stages
@@ -84,4 +86,5 @@ def test_the_makefile_demo_targets_parse():
     assert len(commands) == 2
     parsed = [demo.parse_args(shlex.split(command)) for command in commands]
     assert parsed[1].stage1_steps > parsed[0].stage1_steps
+    assert parsed[0].stage1_memory_layer == 20 and parsed[1].stage1_memory_layer is None
     assert parsed[1].output != parsed[0].output
