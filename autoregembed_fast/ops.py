@@ -288,6 +288,7 @@ class _Validated(NamedTuple):
     bias: torch.Tensor | None  # [V]
     targets: torch.Tensor  # [N] int64
     softcap: float | None
+    backend: str  # the current name of the backend asked for (an old name resolved)
 
 
 def _compute_dtype(hidden, weight, bias) -> torch.dtype:
@@ -311,7 +312,8 @@ def _compute_dtype(hidden, weight, bias) -> torch.dtype:
 def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> _Validated:
     """Checks what does not depend on tensor values (types, shapes, dtypes, devices, settings), so it
     runs the same under torch.compile; the target range and finiteness are checked inside the op.
-    Returns flat inputs cast to the compute dtype (differentiably)."""
+    Returns flat inputs cast to the compute dtype (differentiably) and the backend's current name
+    (an old name resolved here, once)."""
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -342,7 +344,8 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
     for name, value in (("weight", weight), ("targets", targets), ("bias", bias)):
         if value is not None and value.device != hidden.device:
             raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
-    _check_backend_device(backend, hidden.device)
+    canonical = BACKEND_ALIASES.get(backend, backend)
+    _check_backend_device(canonical, hidden.device, asked=backend)
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be a positive number or None, got {softcap!r}")
@@ -354,22 +357,21 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
     dtype = _compute_dtype(hidden, weight, bias)
     return _Validated(hidden.reshape(-1, dim).to(dtype), weight.to(dtype),
                       None if bias is None else bias.to(dtype), targets.reshape(-1).to(torch.int64),
-                      softcap)
+                      softcap, canonical)
 
 
-def _check_backend_device(backend: str, device: torch.device) -> None:
+def _check_backend_device(backend: str, device: torch.device, asked: str) -> None:
+    """`backend`: the current name; `asked`: the name the caller used (for the message)."""
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    canonical = BACKEND_ALIASES.get(backend, backend)
     # The Triton interpreter (TRITON_INTERPRET=1) runs the Triton kernels on CPU tensors.
-    if canonical.endswith("triton") and device.type != "cuda" and not INTERPRETING:
-        raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
-    if canonical == "chunked-cuda" and device.type != "cuda":
-        raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
+    if backend.endswith("triton") and device.type != "cuda" and not INTERPRETING:
+        raise ValueError(f"backend={asked!r} needs CUDA tensors, got tensors on {device}")
+    if backend == "chunked-cuda" and device.type != "cuda":
+        raise ValueError(f"backend={asked!r} needs CUDA tensors, got tensors on {device}")
 
 
 def _pick_backend(backend: str, device: torch.device, dtype: torch.dtype):
-    backend = BACKEND_ALIASES.get(backend, backend)
     if backend == "auto":
         # CUDA: Triton when it is installed (its no-grad path needs no logits buffer at all; the
         # frozen-head route is the same chunked GEMMs for both). Not yet measured on a GPU.
@@ -472,7 +474,7 @@ def token_logprobs(
             cannot run on the tensors' device.
         RuntimeError: ``backend="chunked-cuda"`` without the CUDA build of the extension.
     """
-    flat_hidden, weight, bias, flat_targets, softcap = _validate(
+    flat_hidden, weight, bias, flat_targets, softcap, backend = _validate(
         hidden, weight, targets, bias, ignore_index, softcap, backend
     )
     if backend == "reference":
@@ -513,7 +515,7 @@ def summed_token_logprobs(
     arguments, dtypes and errors as `token_logprobs`; without gradients (or with
     ``backend="reference"``) it is that sum.
     """
-    flat_hidden, weight, bias, flat_targets, softcap = _validate(
+    flat_hidden, weight, bias, flat_targets, softcap, backend = _validate(
         hidden, weight, targets, bias, ignore_index, softcap, backend
     )
     head_trainable = weight.requires_grad or (bias is not None and bias.requires_grad)

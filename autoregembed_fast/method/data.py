@@ -124,6 +124,14 @@ def negatives_of(row) -> list[str]:
     return [row["neg"]] if isinstance(row["neg"], str) else list(row["neg"])
 
 
+def compression_rows(triplets) -> list[dict]:
+    """Autoencoding stage-1 rows (context = output = a sentence, the fixed instruction) of the sorted
+    distinct sentences of triplets: queries, positives and every negative."""
+    sentences = sorted({text for row in triplets
+                        for text in (row["query"], row["pos"], *negatives_of(row))})
+    return [{"context": s, "instruction": FIXED_INSTRUCTION, "output": s} for s in sentences]
+
+
 def read_alignment_rows(path) -> list[dict]:
     """Stage-2 rows; every row must carry the same number of negatives (the loss is [B, n])."""
     rows = read_jsonl(path, ALIGNMENT_FIELDS)

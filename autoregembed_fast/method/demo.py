@@ -25,7 +25,7 @@ import torch
 
 from autoregembed_fast.method import evaluate
 from autoregembed_fast.method.training import commands as train
-from autoregembed_fast.method.data import ALIGNMENT_FIELDS, FIXED_INSTRUCTION, read_jsonl
+from autoregembed_fast.method.data import ALIGNMENT_FIELDS, compression_rows, read_jsonl
 from autoregembed_fast.hardware import native_bf16_flags
 from autoregembed_fast.method.model import frozen_decoder, load_causal_lm, load_encoder
 from autoregembed_fast.method.reconstruction import reconstruction_nlls
@@ -37,11 +37,6 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "medi
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def compression_rows(triplets):
-    sentences = sorted({row[field] for row in triplets for field in ("query", "pos", "neg")})
-    return [{"context": s, "instruction": FIXED_INSTRUCTION, "output": s} for s in sentences]
 
 
 def nlls_of(encoder_spec: str, decoder, rows) -> dict:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from autoregembed_fast.method.data import Tokenization, compression_batch
-from autoregembed_fast.method.model import AutoRegEmbed, decoder_scoring_inputs, memory_for_decoder
-from autoregembed_fast.ops import token_logprobs
+from autoregembed_fast.method.model import AutoRegEmbed, memory_for_decoder, score_targets
 
 SOURCES = ("own", "other", "none")
 
@@ -60,10 +59,8 @@ def per_text_nll(decoder, tokenizer, memory: torch.Tensor, rows, batch_size: int
                    "none": (bos[None, None, :], torch.zeros_like(own))}
         for s, name in enumerate(SOURCES):
             memories, index = sources[name]
-            hidden, labels, weight, bias, softcap = decoder_scoring_inputs(
-                decoder, memories, targets, mask, index)
-            logp = token_logprobs(hidden, weight, labels, bias=bias, softcap=softcap)
-            sums[s, own.cpu()] = -logp.double().sum(dim=1).cpu()
+            scores = score_targets(decoder, memories, targets, mask, index)
+            sums[s, own.cpu()] = -scores.double().cpu()
         counts[start : start + targets.shape[0]] = mask.sum(dim=1).double().cpu()
     return sums, counts
 

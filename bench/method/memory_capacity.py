@@ -25,15 +25,21 @@ from pathlib import Path
 
 import torch
 
-from autoregembed_fast.method.data import COMPRESSION_FIELDS, FIXED_INSTRUCTION, Tokenization, compression_batch
+from autoregembed_fast.method.data import (
+    COMPRESSION_FIELDS,
+    TRIPLET_FIELDS,
+    Tokenization,
+    compression_batch,
+    compression_rows,
+    read_jsonl,
+)
 from autoregembed_fast.method.model import (
     AutoRegEmbed,
-    decoder_scoring_inputs,
     frozen_decoder,
     load_causal_lm,
     memory_for_decoder,
+    score_targets,
 )
-from autoregembed_fast.ops import token_logprobs
 from autoregembed_fast.method.reconstruction import per_text_nll, reconstruction_nlls, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,17 +47,15 @@ DEFAULT_TEXTS = ROOT / "examples" / "data" / "medi_nli_train.jsonl"
 
 
 def read_texts(path, limit: int) -> list[dict]:
-    """The first `limit` stage-1 rows of a file (see the module's docstring for the two formats)."""
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The first `limit` stage-1 rows of a file (see the module's docstring for the two formats),
+    told apart by the first row's fields; every row is validated."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     if not lines:
         raise SystemExit(f"{path} holds no rows")
-    if all(isinstance(row, dict) and {"query", "pos"} <= set(row) for row in lines):
-        sentences = sorted({row[field] for row in lines for field in ("query", "pos", "neg")
-                            if isinstance(row.get(field), str)})
-        rows = [{"context": s, "instruction": FIXED_INSTRUCTION, "output": s} for s in sentences]
+    first = json.loads(lines[0])
+    if isinstance(first, dict) and {"query", "pos"} <= set(first):
+        rows = compression_rows(read_jsonl(path, TRIPLET_FIELDS))
     else:
-        from autoregembed_fast.method.data import read_jsonl
-
         rows = read_jsonl(path, COMPRESSION_FIELDS)
     if limit < 2 or len(rows) < 2:
         raise SystemExit(f"need at least 2 texts (the 'other' memory is another text's); "
@@ -79,9 +83,9 @@ def optimise_memory(decoder, tokenizer, rows, k: int, steps: int, lr: float, bat
         total = 0.0
         for first, batch in zip(range(0, len(rows), batch_size), batches):
             index = torch.arange(first, first + batch["target_ids"].shape[0])
-            hidden, labels, weight, bias, softcap = decoder_scoring_inputs(
-                decoder, memory_for_decoder(decoder, memory, bos_id), batch["target_ids"], batch["target_mask"], index)
-            loss = -token_logprobs(hidden, weight, labels, bias=bias, softcap=softcap).sum() / tokens
+            scores = score_targets(decoder, memory_for_decoder(decoder, memory, bos_id),
+                                   batch["target_ids"], batch["target_mask"], index)
+            loss = -scores.sum() / tokens
             loss.backward()
             total += loss.item()
         optimizer.step()
