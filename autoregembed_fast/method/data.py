@@ -193,7 +193,12 @@ def pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 def prompted_batch(tokenizer, texts: list[str], prompt: str, max_tokens: int | None = None):
     """`[bos] + prompt.format(text=...)` for each text (at most max_tokens after bos), right-padded:
-    (ids [B, T], mask [B, T])."""
+    (ids [B, T], mask [B, T]). An empty text is an error: its embedding would be the prompt's."""
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be strings; text {index} is a {type(text).__name__}: {text!r}")
+        if not text:
+            raise DataError(f"text {index} of the batch is empty (''): there is nothing to embed")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     sequences = [bos + tokenizer(prompt.format(text=t), add_special_tokens=False)["input_ids"][:max_tokens]
                  for t in texts]

