@@ -12,6 +12,9 @@ and recompute gradients (the contract is in `autoregembed_fast.ops`).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 # Byte budgets for the one block of logits the chunked routes hold at a time. On CPU, 64 MiB was ~5 %
@@ -41,8 +44,34 @@ def block_rows_for_budget(vocab_size: int, bytes_per_logit: int, budget_bytes: i
     return max(1, budget_bytes // (max(vocab_size, 1) * bytes_per_logit))
 
 
+# bf16 inputs: on CPUs with AVX512-BF16 (AMD Zen 4+, Intel Cooper Lake / Sapphire Rapids+) the CPU
+# backend's GEMMs read them as they are, with fp32 products, sums and logits (csrc/bf16_gemm_cpu.h);
+# elsewhere bf16 GEMMs are emulated and slow, so the inputs are upcast to fp32 once per call. fp16
+# inputs are always upcast (no CPU here has fp16 dot products). This environment variable overrides
+# the choice: "0" upcasts everywhere, "1" insists on the bf16 GEMMs (an error without AVX512-BF16).
+CPU_BF16_GEMM_ENV = "AUTOREGEMBED_CPU_BF16_GEMM"
+
+
+@functools.cache
+def cpu_bf16_gemm() -> bool:
+    """Whether the CPU backend runs bf16 inputs' GEMMs in bf16 (decided once per process)."""
+    native = CpuBackend.extension().cpu_has_avx512_bf16()
+    setting = os.environ.get(CPU_BF16_GEMM_ENV, "auto")
+    if setting == "auto":
+        return native
+    if setting == "0":
+        return False
+    if setting == "1":
+        if not native:
+            raise RuntimeError(f"{CPU_BF16_GEMM_ENV}=1, but this CPU has no AVX512-BF16 "
+                               "(lscpu flag avx512_bf16): its bf16 GEMMs would be emulated")
+        return True
+    raise ValueError(f'{CPU_BF16_GEMM_ENV} must be "auto", "0" or "1", got {setting!r}')
+
+
 class CpuBackend:
-    """Chunked GEMM + fused epilogue in C++ (`csrc/token_logprobs_cpu.cpp`)."""
+    """Chunked GEMM + fused epilogue in C++ (`csrc/token_logprobs_cpu.cpp`); bf16 inputs keep their
+    dtype in the GEMMs where `cpu_bf16_gemm()`."""
 
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -56,10 +85,14 @@ class CpuBackend:
         bytes_per_logit = torch.empty((), dtype=accumulation_dtype(weight.dtype)).element_size()
         return block_rows_for_budget(weight.shape[0], bytes_per_logit, CPU_LOGITS_BLOCK_BYTES)
 
+    @staticmethod
+    def _bf16_gemm(weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.bfloat16 and cpu_bf16_gemm()
+
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
         logp, lse, jacobian, _, _ = self.extension().token_logprobs_forward_cpu(
             hidden, weight, bias, targets, softcap or 0.0, with_jacobian, False,
-            self._block_rows(weight)
+            self._block_rows(weight), self._bf16_gemm(weight)
         )
         return logp, lse, jacobian
 
@@ -67,7 +100,7 @@ class CpuBackend:
         """One sweep, 3 GEMMs per block: logits, then G @ W and G^T @ H from the coefficients G."""
         logp, _, grad_hidden, grad_weight, grad_bias = self.extension().token_logprobs_forward_cpu(
             hidden, weight, bias, targets, softcap or 0.0, need_hidden, need_head,
-            self._block_rows(weight)
+            self._block_rows(weight), self._bf16_gemm(weight)
         )
         return logp, grad_hidden, grad_weight, grad_bias
 
@@ -75,7 +108,7 @@ class CpuBackend:
                  need_weight, need_bias):
         grads = self.extension().token_logprobs_backward_cpu(
             hidden, weight, bias, targets, lse, grad_logp, softcap or 0.0,
-            need_hidden, need_weight, need_bias, self._block_rows(weight),
+            need_hidden, need_weight, need_bias, self._block_rows(weight), self._bf16_gemm(weight),
         )
         return tuple(grads)
 

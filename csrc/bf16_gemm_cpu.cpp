@@ -1,0 +1,208 @@
+// bf16 x bf16 -> fp32 GEMM with AVX512-BF16 (see bf16_gemm_cpu.h).
+//
+// vdpbf16ps adds to each of 16 fp32 lanes the dot product of one pair of bf16 values of each operand.
+// The right operand is packed so that one 64-byte load holds, for 16 consecutive columns, the values of
+// two consecutive k; the left operand's pair for a row is broadcast from its row (consecutive in
+// memory). A register tile of MR rows x NP * 16 columns (24 accumulators) runs over a block of KC
+// pairs of k, for which the packed panels (NP x 16 columns x 2 KC values = 32 KiB) stay in L1.
+#include "bf16_gemm_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AEF_HAVE_X86 1
+#endif
+
+namespace autoregembed_fast {
+namespace {
+
+constexpr int MR = 6;                 // rows of a register tile
+constexpr int NP = 4;                 // 16-column panels of a register tile
+constexpr int64_t KC = 128;           // pairs of k per cache block
+constexpr int64_t ROWS_PER_TASK = 96; // rows of one parallel task (a multiple of MR)
+
+}  // namespace
+
+bool cpu_has_avx512_bf16() {
+#ifdef AEF_HAVE_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+// One 16-column panel of the packed operand: out[k][j][t] = b[2k + t][n0 + j], zeros past K and N.
+void pack_panel(const uint16_t* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t n0,
+                int64_t pairs, uint16_t* out) {
+  const int64_t full_pairs = K / 2;
+  if (n0 + 16 <= N && sk == 1) {
+    // b = a transposed row-major matrix (the head W viewed as W^T): each column's pair is one
+    // 32-bit word of a row of W, so the panel is a 16 x pairs transpose of 32-bit words.
+    for (int64_t j = 0; j < 16; ++j) {
+      const uint16_t* row = src + (n0 + j) * sn;
+      for (int64_t k = 0; k < full_pairs; ++k) {
+        uint32_t word;
+        std::memcpy(&word, row + 2 * k, sizeof(word));
+        std::memcpy(out + k * 32 + 2 * j, &word, sizeof(word));
+      }
+    }
+  } else if (n0 + 16 <= N && sn == 1) {
+    // b row-major (the head W itself): interleave 16 consecutive values of two consecutive rows.
+    for (int64_t k = 0; k < full_pairs; ++k) {
+      const uint16_t* first = src + 2 * k * sk + n0;
+      const uint16_t* second = first + sk;
+      uint16_t* pair_out = out + k * 32;
+      for (int64_t j = 0; j < 16; ++j) {
+        pair_out[2 * j] = first[j];
+        pair_out[2 * j + 1] = second[j];
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < full_pairs; ++k) {
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t n = n0 + j;
+        out[k * 32 + 2 * j] = n < N ? src[2 * k * sk + n * sn] : uint16_t(0);
+        out[k * 32 + 2 * j + 1] = n < N ? src[(2 * k + 1) * sk + n * sn] : uint16_t(0);
+      }
+    }
+  }
+  for (int64_t k = full_pairs; k < pairs; ++k) {  // an odd K: its last value, then a zero
+    for (int64_t j = 0; j < 16; ++j) {
+      const int64_t n = n0 + j;
+      out[k * 32 + 2 * j] = n < N ? src[2 * k * sk + n * sn] : uint16_t(0);
+      out[k * 32 + 2 * j + 1] = 0;
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor pack_bf16_right_operand(const at::Tensor& b) {
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kBFloat16,
+              "pack_bf16_right_operand: expected a 2-D bf16 tensor");
+  const int64_t K = b.size(0), N = b.size(1);
+  const int64_t pairs = (K + 1) / 2;
+  const int64_t panels = (N + 16 * NP - 1) / (16 * NP) * NP;
+  at::Tensor packed = at::empty({panels, pairs, 16, 2}, b.options().memory_format(at::MemoryFormat::Contiguous));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      pack_panel(src, b.stride(0), b.stride(1), K, N, 16 * p, pairs, dst + p * pairs * 32);
+    }
+  });
+  return packed;
+}
+
+#ifdef AEF_HAVE_X86
+namespace {
+
+// One register tile: ROWS (<= MR) rows x NP * 16 columns over pairs [k_begin, k_end). c holds `cols`
+// (<= NP * 16) valid columns; init: load c (load_c), else bias (when given), else 0.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bf16"))) void tile(
+    const uint16_t* a, int64_t lda, const uint16_t* b, int64_t panel_stride, int64_t k_begin,
+    int64_t k_end, float* c, int64_t ldc, int64_t cols, bool load_c, const float* bias) {
+  __mmask16 masks[NP];
+  for (int p = 0; p < NP; ++p) {
+    const int64_t valid = std::clamp<int64_t>(cols - 16 * p, 0, 16);
+    masks[p] = static_cast<__mmask16>((uint32_t(1) << valid) - 1);
+  }
+  __m512 acc[ROWS][NP];
+  for (int r = 0; r < ROWS; ++r) {
+    for (int p = 0; p < NP; ++p) {
+      if (load_c) {
+        acc[r][p] = _mm512_maskz_loadu_ps(masks[p], c + r * ldc + 16 * p);
+      } else if (bias != nullptr) {
+        acc[r][p] = _mm512_maskz_loadu_ps(masks[p], bias + 16 * p);
+      } else {
+        acc[r][p] = _mm512_setzero_ps();
+      }
+    }
+  }
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    __m512bh right[NP];
+    for (int p = 0; p < NP; ++p) {
+      right[p] = (__m512bh)_mm512_loadu_si512(b + p * panel_stride + k * 32);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * k, sizeof(pair));
+      const __m512bh left = (__m512bh)_mm512_set1_epi32(pair);
+      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], left, right[p]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int p = 0; p < NP; ++p) _mm512_mask_storeu_ps(c + r * ldc + 16 * p, masks[p], acc[r][p]);
+  }
+}
+
+using TileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
+                        float*, int64_t, int64_t, bool, const float*);
+constexpr TileFn TILES[MR + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+
+}  // namespace
+#endif
+
+void bf16_gemm(const at::BFloat16* a, int64_t lda, const at::Tensor& packed_b, int64_t M, int64_t N,
+               int64_t K, float* c, int64_t ldc, bool accumulate, const float* bias) {
+#ifdef AEF_HAVE_X86
+  TORCH_CHECK(K > 0 && K % 2 == 0, "bf16_gemm: K must be positive and even (pad with a zero column)");
+  TORCH_CHECK(packed_b.size(1) == K / 2 && packed_b.size(0) * 16 >= N,
+              "bf16_gemm: the packed operand does not match K and N");
+  const uint16_t* left = reinterpret_cast<const uint16_t*>(a);
+  const uint16_t* right = reinterpret_cast<const uint16_t*>(packed_b.data_ptr<at::BFloat16>());
+  const int64_t pairs = K / 2;
+  const int64_t panel_stride = pairs * 32;
+  const int64_t groups = (N + 16 * NP - 1) / (16 * NP);
+  const int64_t row_tasks = (M + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+  // Tasks in column-group-major order: a thread's consecutive tasks share their packed panels.
+  at::parallel_for(0, groups * row_tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t group = task / row_tasks;
+      const int64_t row_begin = (task % row_tasks) * ROWS_PER_TASK;
+      const int64_t row_end = std::min(M, row_begin + ROWS_PER_TASK);
+      const int64_t col = group * 16 * NP;
+      const int64_t cols = std::min<int64_t>(16 * NP, N - col);
+      const uint16_t* panels = right + group * NP * panel_stride;
+      for (int64_t k0 = 0; k0 < pairs; k0 += KC) {
+        const int64_t k1 = std::min(pairs, k0 + KC);
+        const bool load_c = accumulate || k0 > 0;
+        const float* init = (!load_c && bias != nullptr) ? bias + col : nullptr;
+        for (int64_t r = row_begin; r < row_end; r += MR) {
+          const int rows = static_cast<int>(std::min<int64_t>(MR, row_end - r));
+          TILES[rows](left + r * lda, lda, panels, panel_stride, k0, k1, c + r * ldc + col, ldc,
+                      cols, load_c, init);
+        }
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "bf16_gemm needs an x86-64 CPU with AVX512-BF16");
+#endif
+}
+
+at::Tensor bf16_matmul_cpu(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "bf16_matmul_cpu: this CPU has no AVX512-BF16");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
+                  a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16,
+              "bf16_matmul_cpu: expected bf16 a [M, K] and b [K, N]");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  at::Tensor out = at::empty({M, N}, a.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  const at::Tensor left = K % 2 ? at::constant_pad_nd(a, {0, 1}) : a.contiguous();
+  bf16_gemm(left.data_ptr<at::BFloat16>(), left.size(1), pack_bf16_right_operand(b), M, N,
+            left.size(1), out.data_ptr<float>(), N, false, nullptr);
+  return out;
+}
+
+}  // namespace autoregembed_fast

@@ -1,0 +1,27 @@
+// bf16 x bf16 -> fp32 GEMM for the CPU backend on CPUs with AVX512-BF16 (vdpbf16ps), where torch
+// offers none: its bf16 GEMMs round their output to bf16 and its bf16 -> fp32 entry points run at fp32
+// speed without AMX (NOTES.md, issue 25). Products are exact in fp32 and accumulate in fp32.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace autoregembed_fast {
+
+// True when this CPU executes AVX512-BF16 dot products; bf16_gemm must not run elsewhere.
+bool cpu_has_avx512_bf16();
+
+// b [K, N] bf16 (any 2-D strides) packed for bf16_gemm's right operand: [P, ceil(K/2), 16, 2] with P a
+// multiple of the kernel's panel group, b[2k + t][16p + j] at [p][k][j][t] and zeros beyond K and N.
+at::Tensor pack_bf16_right_operand(const at::Tensor& b);
+
+// c[M, N] (fp32, row stride ldc) = init + a @ b, with a [M, K] bf16 (row stride lda, K even: pad an
+// odd K with a zero column) and b given packed (pack_bf16_right_operand of b [K, N]). init is c itself
+// when accumulate, else bias[N] (fp32) when given, else 0. Threads split the output tiles.
+void bf16_gemm(const at::BFloat16* a, int64_t lda, const at::Tensor& packed_b, int64_t M, int64_t N,
+               int64_t K, float* c, int64_t ldc, bool accumulate, const float* bias);
+
+// a [M, K] @ b [K, N], bf16 inputs (any strides), fp32 output, through bf16_gemm (needs AVX512-BF16):
+// the bench's floor for bf16 inputs, and a handle for testing the GEMM on its own.
+at::Tensor bf16_matmul_cpu(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace autoregembed_fast

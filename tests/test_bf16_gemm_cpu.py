@@ -1,0 +1,132 @@
+"""The CPU backend's bf16 GEMM (csrc/bf16_gemm_cpu.cpp, AVX512-BF16) against float64 on the rounded
+inputs, alone and inside the op (forced on and off through AUTOREGEMBED_CPU_BF16_GEMM)."""
+
+import math
+
+import pytest
+import torch
+
+from autoregembed_fast import _C, token_logprobs
+from autoregembed_fast import backends
+
+needs_avx512_bf16 = pytest.mark.skipif(
+    not _C.cpu_has_avx512_bf16(), reason="this CPU has no AVX512-BF16 (lscpu flag avx512_bf16): "
+    "bf16 inputs are upcast to fp32 here, as tests/test_ops.py checks")
+
+
+def fp32_accumulation_bound(a, b):
+    """|fp32 sum of K exact products - exact| <= K * 2^-24 * sum |a_k b_k| (plus one rounding)."""
+    return (a.double().abs() @ b.double().abs()) * (a.shape[1] + 1) * 2.0**-24
+
+
+# (M, K, N): one element; K odd (a zero column is appended); N and M past the 64-column and 6-row
+# register tiles and the 96-row tasks; K past one 256-value cache block.
+SHAPES = [(1, 1, 1), (7, 13, 251), (37, 600, 1003), (5, 601, 70), (197, 576, 193)]
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "b-transposed", "strided", "offset"])
+def test_bf16_matmul_is_fp32_accurate_on_the_rounded_inputs(shape, layout):
+    M, K, N = shape
+    a = torch.randn(M, K).bfloat16()
+    if layout == "contiguous":
+        b = torch.randn(K, N).bfloat16()
+    elif layout == "b-transposed":  # the head W [V, d] read as W^T
+        b = torch.randn(N, K).bfloat16().t()
+    elif layout == "strided":
+        a = torch.randn(M, 2 * K).bfloat16()[:, ::2]
+        b = torch.randn(K, 3 * N).bfloat16()[:, ::3]
+    else:
+        a = torch.randn(M + 1, K).bfloat16()[1:]
+        b = torch.randn(K * N + 5).bfloat16()[5:].view(K, N)
+    out = _C.bf16_matmul_cpu(a, b)
+    assert out.dtype == torch.float32 and out.shape == (M, N)
+    exact = a.double() @ b.double()
+    assert ((out.double() - exact).abs() <= fp32_accumulation_bound(a, b)).all()
+
+
+@needs_avx512_bf16
+def test_bf16_matmul_of_an_empty_product_is_zero():
+    assert torch.equal(_C.bf16_matmul_cpu(torch.ones(3, 0).bfloat16(), torch.ones(0, 4).bfloat16()),
+                       torch.zeros(3, 4))
+
+
+@pytest.fixture
+def bf16_gemm_setting(monkeypatch):
+    def use(setting):
+        monkeypatch.setenv(backends.CPU_BF16_GEMM_ENV, setting)
+        backends.cpu_bf16_gemm.cache_clear()
+
+    yield use
+    backends.cpu_bf16_gemm.cache_clear()
+
+
+def oracle(hidden, weight, bias, targets, softcap):
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
+@pytest.mark.parametrize("d", [600, 601])
+def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, with_bias, softcap, d):
+    """fp32 logits (log p to fp32 accuracy on the rounded inputs); the Jacobian within eager bf16
+    autograd's error + one bf16 eps, as the GPU backends; and the bf16 GEMMs are really in use: the
+    Jacobian carries the rounding of its coefficients to bf16, which the upcast path does not."""
+    torch.manual_seed(0)
+    N, V = 37, 1003
+    hidden = torch.randn(N, d).bfloat16()
+    weight = (torch.randn(V, d) * (3.0 / math.sqrt(d))).bfloat16()
+    bias = torch.randn(V).bfloat16() if with_bias else None
+    targets = torch.randint(0, V, (N,))
+    truth_hidden = hidden.double().requires_grad_()
+    truth = oracle(truth_hidden, weight, bias, targets, softcap)
+    (truth_jacobian,) = torch.autograd.grad(truth.sum(), truth_hidden)
+    eager_hidden = hidden.clone().requires_grad_()
+    logits = eager_hidden @ weight.t() + (0 if bias is None else bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    eager = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
+    (eager_jacobian,) = torch.autograd.grad(eager.sum(), eager_hidden)
+    jacobian_errors = {}
+    for setting in ("1", "0"):
+        bf16_gemm_setting(setting)
+        assert backends.cpu_bf16_gemm() == (setting == "1")
+        x = hidden.clone().requires_grad_()
+        logp = token_logprobs(x, weight, targets, bias=bias, softcap=softcap, backend="cpu")
+        assert logp.dtype == torch.float32
+        assert (logp.double() - truth).abs().max() <= 1e-5 * max(1.0, truth.abs().max().item())
+        logp.sum().backward()
+        bound = eager_error_of(eager_jacobian, truth_jacobian)
+        assert (x.grad.double() - truth_jacobian).abs().max() <= bound
+        # The backend's fp32 Jacobian, before the op rounds it to the input dtype.
+        _, _, jacobian = backends.CpuBackend().forward(hidden, weight, bias, targets, softcap, True)
+        jacobian_errors[setting] = (jacobian.double() - truth_jacobian).abs().max().item()
+    assert jacobian_errors["1"] <= eager_error_of(eager_jacobian, truth_jacobian)
+    # Only the bf16 GEMM rounds the coefficients (to bf16); the upcast path is fp32 throughout.
+    assert jacobian_errors["1"] > 10 * jacobian_errors["0"]
+
+
+def eager_error_of(eager, truth):
+    """Eager bf16 autograd's max error + one bf16 eps at the gradient's scale (the GPU backends' bound)."""
+    scale = truth.abs().max().item()
+    return (eager.double() - truth).abs().max().item() + torch.finfo(torch.bfloat16).eps * scale + 1e-6
+
+
+def test_a_bad_setting_names_itself(bf16_gemm_setting):
+    bf16_gemm_setting("yes")
+    with pytest.raises(ValueError, match="must be"):
+        backends.cpu_bf16_gemm()
+
+
+@pytest.mark.skipif(_C.cpu_has_avx512_bf16(), reason="this CPU has AVX512-BF16")
+def test_insisting_on_bf16_gemms_without_avx512_bf16_is_an_error(bf16_gemm_setting):
+    bf16_gemm_setting("1")
+    with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+        backends.cpu_bf16_gemm()
