@@ -104,7 +104,7 @@ def benchmark(args, deadline: float) -> list[dict]:
                 for impl_name in GPU_IMPLS:
                     row = {"preset": preset, "dtype": dtype, "mode": mode, "impl": impl_name,
                            "n": args.n, "dim": dim, "vocab": vocab}
-                    reason = op.skip_reason(impl_name, "cuda")
+                    reason = op.skip_reason(impl_name, "cuda", dtype)
                     if reason is None and time.monotonic() > deadline:
                         reason = "the time budget of `make gpu` ran out before this row"
                     if reason is None:

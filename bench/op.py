@@ -73,7 +73,27 @@ def make_problem(n_tokens, dim, vocab, dtype, device, seed=0) -> Problem:
 
 
 def plain_gemms(problem: Problem, mode: str):
-    """The GEMMs the op cannot avoid, at full size: the floor the fused implementations aim at."""
+    """The GEMMs the op cannot avoid, at full size: the floor the fused implementations aim at. bf16
+    on a CPU with AVX512-BF16: with fp32 output (the op's contract), through the package's bf16 GEMM,
+    as torch has none there (its bf16 GEMMs round their output: "torch-bf16-gemms")."""
+    if problem.hidden.dtype == torch.bfloat16 and problem.hidden.device.type == "cpu":
+        from autoregembed_fast import _C
+        from autoregembed_fast.backends import cpu_bf16_gemm
+
+        if cpu_bf16_gemm():
+            hidden, weight = problem.hidden.detach(), problem.weight.detach()
+            logits = _C.bf16_matmul_cpu(hidden, weight.t())
+            if mode != "nograd":
+                coefficients = logits.to(torch.bfloat16)
+                _C.bf16_matmul_cpu(coefficients, weight)
+            if mode in TRAINABLE_MODES:
+                _C.bf16_matmul_cpu(coefficients.t(), hidden)
+            return
+    torch_gemms(problem, mode)
+
+
+def torch_gemms(problem: Problem, mode: str):
+    """The same GEMMs in torch, output in the input dtype."""
     logits = problem.hidden @ problem.weight.t()
     if mode != "nograd":
         logits @ problem.weight
@@ -184,12 +204,12 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def needs_cuda(device: str) -> str | None:
+def needs_cuda(device: str, dtype: str) -> str | None:
     return None if device == "cuda" else "needs a CUDA GPU"
 
 
 def needs_module(module: str, package: str, cuda_only: bool = False):
-    def check(device: str) -> str | None:
+    def check(device: str, dtype: str) -> str | None:
         if cuda_only and device != "cuda":
             return f"needs a CUDA GPU ({package} has GPU kernels only)"
         if not _installed(module):
@@ -199,7 +219,7 @@ def needs_module(module: str, package: str, cuda_only: bool = False):
     return check
 
 
-def ours_cuda_needs(device: str) -> str | None:
+def ours_cuda_needs(device: str, dtype: str) -> str | None:
     if device != "cuda":
         return "needs a CUDA GPU"
     from autoregembed_fast.backends import cuda_extension_available
@@ -207,16 +227,23 @@ def ours_cuda_needs(device: str) -> str | None:
     return None if cuda_extension_available() else "autoregembed_fast._C was built without CUDA"
 
 
+def needs_bf16_on_cpu(device: str, dtype: str) -> str | None:
+    if device != "cpu" or dtype != "bfloat16":
+        return "only for bf16 on CPU (elsewhere it is the GEMM floor itself)"
+    return None
+
+
 IMPLEMENTATIONS = {  # name: (per-token log-probs function, scalar-loss function, needs)
-    "gemm-floor": (None, None, lambda device: None),
-    "materialised": (materialised, materialised_loss, lambda device: None),
-    "chunked-eager": (chunked_eager, chunked_eager_loss, lambda device: None),
+    "gemm-floor": (None, None, lambda device, dtype: None),
+    "torch-bf16-gemms": (torch_gemms, torch_gemms, needs_bf16_on_cpu),
+    "materialised": (materialised, materialised_loss, lambda device, dtype: None),
+    "chunked-eager": (chunked_eager, chunked_eager_loss, lambda device, dtype: None),
     "cut-cross-entropy": (cut_cross_entropy, cut_cross_entropy_loss,
                           needs_module("cut_cross_entropy", "cut-cross-entropy")),
     "liger-kernel": (liger_kernel, liger_kernel_loss,
                      needs_module("liger_kernel", "liger-kernel", cuda_only=True)),
     "quack": (quack, quack_loss, needs_module("quack", "quack-kernels", cuda_only=True)),
-    "ours-cpu": (ours("cpu"), ours_loss("cpu"), lambda device: None if device == "cpu" else "CPU backend"),
+    "ours-cpu": (ours("cpu"), ours_loss("cpu"), lambda device, dtype: None if device == "cpu" else "CPU backend"),
     "ours-chunked-triton": (ours("chunked-triton"), ours_loss("chunked-triton"), needs_cuda),
     "ours-fused-triton": (ours("fused-triton"), ours_loss("fused-triton"), needs_cuda),
     "ours-chunked-cuda": (ours("chunked-cuda"), ours_loss("chunked-cuda"), ours_cuda_needs),
@@ -229,9 +256,9 @@ IMPLEMENTATIONS = {  # name: (per-token log-probs function, scalar-loss function
 
 def run_once(impl, problem: Problem, mode: str):
     hidden, weight = problem.hidden, problem.weight
-    if impl is None:
+    if impl in (None, torch_gemms):
         with torch.no_grad():
-            plain_gemms(problem, mode)
+            (impl or plain_gemms)(problem, mode)
         return None
     if mode == "nograd":
         with torch.no_grad():
@@ -304,9 +331,9 @@ def time_cuda(impl, problem, mode, repeats):
     return milliseconds / 1000, peak, result
 
 
-def skip_reason(impl_name, device) -> str | None:
-    """Why an implementation cannot run on `device` here (None when it can)."""
-    return IMPLEMENTATIONS[impl_name][2](device)
+def skip_reason(impl_name, device, dtype) -> str | None:
+    """Why an implementation cannot run on `device` in `dtype` here (None when it can)."""
+    return IMPLEMENTATIONS[impl_name][2](device, dtype)
 
 
 def measure_problem(impl_name, mode, problem: Problem, repeats, device) -> dict:
@@ -315,12 +342,12 @@ def measure_problem(impl_name, mode, problem: Problem, repeats, device) -> dict:
     impl = loss if mode == "trainable-loss" else per_token
     timer = time_cuda if device == "cuda" else time_cpu
     seconds, peak_extra, result = timer(impl, problem, mode, repeats)
-    error = None if impl is None else oracle_error(problem, mode, *result)
+    error = None if impl in (None, torch_gemms) else oracle_error(problem, mode, *result)
     return {"seconds": seconds, "peak_extra_bytes": peak_extra, "max_abs_error": error}
 
 
 def worker(impl_name, mode, n_tokens, dim, vocab, dtype, repeats, device) -> dict:
-    reason = skip_reason(impl_name, device)
+    reason = skip_reason(impl_name, device, dtype)
     if reason:
         return {"skipped": reason}
     problem = make_problem(n_tokens, dim, vocab, DTYPES[dtype], device)
@@ -418,6 +445,17 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def cpu_gemm_dtype(dtype: str) -> str:
+    """How the CPU backend runs this dtype's GEMMs here (decided once per process)."""
+    if dtype != "bfloat16":
+        return f"{dtype} GEMMs"
+    from autoregembed_fast.backends import CPU_BF16_GEMM_ENV, cpu_bf16_gemm
+
+    if cpu_bf16_gemm():
+        return f"bf16 GEMMs with fp32 output (AVX512-BF16; {CPU_BF16_GEMM_ENV}=0 upcasts)"
+    return "bf16 upcast to fp32 GEMMs (no AVX512-BF16 here, or " + CPU_BF16_GEMM_ENV + "=0)"
+
+
 def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m bench.op", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-135m")
@@ -445,7 +483,7 @@ def main(argv=None) -> list[Row]:
 
     dim, vocab = PRESETS[args.preset]
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"CPU, {torch.get_num_threads()} threads")
+               else f"CPU, {torch.get_num_threads()} threads, {cpu_gemm_dtype(args.dtype)}")
     title = (f"token_logprobs, {args.preset}: N={args.n} d={dim} V={vocab} {args.dtype} on "
              f"{machine}; median of {args.repeats} after warm-up")
     print(title)

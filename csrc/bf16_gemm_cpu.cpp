@@ -39,46 +39,70 @@ bool cpu_has_avx512_bf16() {
 
 namespace {
 
+#ifdef AEF_HAVE_X86
+// out[k][j] = rows[j][k] for 16 rows of 32-bit words (row stride `stride` words), k in [0, 16):
+// a 16 x 16 transpose in registers (the head W read as W^T: each column's pair of bf16 values is one
+// 32-bit word of a row of W).
+__attribute__((target("avx512f"))) void transpose_16x16_words(const uint32_t* rows, int64_t stride,
+                                                              uint32_t* out) {
+  __m512i r[16], t[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(rows + j * stride);
+  for (int j = 0; j < 16; j += 2) {
+    t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 16; j += 4) {
+    r[j] = _mm512_unpacklo_epi64(t[j], t[j + 2]);
+    r[j + 1] = _mm512_unpackhi_epi64(t[j], t[j + 2]);
+    r[j + 2] = _mm512_unpacklo_epi64(t[j + 1], t[j + 3]);
+    r[j + 3] = _mm512_unpackhi_epi64(t[j + 1], t[j + 3]);
+  }
+  // r[4q + i] now holds, in each 128-bit lane L, words k = 4L + i of rows 4q .. 4q + 3.
+  for (int i = 0; i < 4; ++i) {
+    const __m512i a = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);       // lanes 0, 2 | 0, 2
+    const __m512i b = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);       // lanes 1, 3 | 1, 3
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
+    const __m512i d = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xdd);
+    _mm512_storeu_si512(out + (0 + i) * 16, _mm512_shuffle_i32x4(a, c, 0x88));
+    _mm512_storeu_si512(out + (8 + i) * 16, _mm512_shuffle_i32x4(a, c, 0xdd));
+    _mm512_storeu_si512(out + (4 + i) * 16, _mm512_shuffle_i32x4(b, d, 0x88));
+    _mm512_storeu_si512(out + (12 + i) * 16, _mm512_shuffle_i32x4(b, d, 0xdd));
+  }
+}
+
+// out[2j + t] = (t ? second : first)[j] for 16 bf16 values of two rows: one k pair of a panel.
+__attribute__((target("avx2"))) void interleave_16_pairs(const uint16_t* first, const uint16_t* second,
+                                                         uint16_t* out) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first));
+  const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second));
+  const __m256i low = _mm256_unpacklo_epi16(x, y);   // pairs 0-3 | 8-11
+  const __m256i high = _mm256_unpackhi_epi16(x, y);  // pairs 4-7 | 12-15
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(low, high, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
+                      _mm256_permute2x128_si256(low, high, 0x31));
+}
+#endif
+
 // One 16-column panel of the packed operand: out[k][j][t] = b[2k + t][n0 + j], zeros past K and N.
 void pack_panel(const uint16_t* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t n0,
                 int64_t pairs, uint16_t* out) {
   const int64_t full_pairs = K / 2;
-  if (n0 + 16 <= N && sk == 1) {
-    // b = a transposed row-major matrix (the head W viewed as W^T): each column's pair is one
-    // 32-bit word of a row of W, so the panel is a 16 x pairs transpose of 32-bit words.
-    for (int64_t j = 0; j < 16; ++j) {
-      const uint16_t* row = src + (n0 + j) * sn;
-      for (int64_t k = 0; k < full_pairs; ++k) {
-        uint32_t word;
-        std::memcpy(&word, row + 2 * k, sizeof(word));
-        std::memcpy(out + k * 32 + 2 * j, &word, sizeof(word));
-      }
-    }
-  } else if (n0 + 16 <= N && sn == 1) {
-    // b row-major (the head W itself): interleave 16 consecutive values of two consecutive rows.
-    for (int64_t k = 0; k < full_pairs; ++k) {
-      const uint16_t* first = src + 2 * k * sk + n0;
-      const uint16_t* second = first + sk;
-      uint16_t* pair_out = out + k * 32;
-      for (int64_t j = 0; j < 16; ++j) {
-        pair_out[2 * j] = first[j];
-        pair_out[2 * j + 1] = second[j];
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < full_pairs; ++k) {
-      for (int64_t j = 0; j < 16; ++j) {
-        const int64_t n = n0 + j;
-        out[k * 32 + 2 * j] = n < N ? src[2 * k * sk + n * sn] : uint16_t(0);
-        out[k * 32 + 2 * j + 1] = n < N ? src[(2 * k + 1) * sk + n * sn] : uint16_t(0);
-      }
+  int64_t done = 0;  // pairs packed by a fast path
+#ifdef AEF_HAVE_X86
+  if (n0 + 16 <= N && sk == 1 && sn % 2 == 0) {
+    // b = a row-major W [N, K] read transposed, rows 32-bit aligned: 16 x 16 word transposes.
+    const uint32_t* rows = reinterpret_cast<const uint32_t*>(src + n0 * sn);
+    for (; done + 16 <= full_pairs; done += 16) {
+      transpose_16x16_words(rows + done, sn / 2, reinterpret_cast<uint32_t*>(out + done * 32));
     }
   }
-  for (int64_t k = full_pairs; k < pairs; ++k) {  // an odd K: its last value, then a zero
+#endif
+  for (int64_t k = done; k < pairs; ++k) {
     for (int64_t j = 0; j < 16; ++j) {
       const int64_t n = n0 + j;
+      const bool second = 2 * k + 1 < K;
       out[k * 32 + 2 * j] = n < N ? src[2 * k * sk + n * sn] : uint16_t(0);
-      out[k * 32 + 2 * j + 1] = 0;
+      out[k * 32 + 2 * j + 1] = n < N && second ? src[(2 * k + 1) * sk + n * sn] : uint16_t(0);
     }
   }
 }
@@ -94,10 +118,33 @@ at::Tensor pack_bf16_right_operand(const at::Tensor& b) {
   at::Tensor packed = at::empty({panels, pairs, 16, 2}, b.options().memory_format(at::MemoryFormat::Contiguous));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
   uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
+  const int64_t sk = b.stride(0), sn = b.stride(1);
+#ifdef AEF_HAVE_X86
+  if (sn == 1 && K % 2 == 0) {
+    // b row-major (the head W itself): for each pair of rows, read once and in order, interleave
+    // 16 consecutive values of the two rows into every full panel; the last partial panel by value.
+    const int64_t full_panels = N / 16;
+    at::parallel_for(0, pairs, 64, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const uint16_t* first = src + 2 * k * sk;
+        for (int64_t p = 0; p < full_panels; ++p) {
+          interleave_16_pairs(first + 16 * p, first + sk + 16 * p, dst + (p * pairs + k) * 32);
+        }
+        for (int64_t p = full_panels; p < panels; ++p) {
+          uint16_t* out = dst + (p * pairs + k) * 32;
+          for (int64_t j = 0; j < 16; ++j) {
+            const int64_t n = 16 * p + j;
+            out[2 * j] = n < N ? first[n] : uint16_t(0);
+            out[2 * j + 1] = n < N ? first[sk + n] : uint16_t(0);
+          }
+        }
+      }
+    });
+    return packed;
+  }
+#endif
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      pack_panel(src, b.stride(0), b.stride(1), K, N, 16 * p, pairs, dst + p * pairs * 32);
-    }
+    for (int64_t p = p0; p < p1; ++p) pack_panel(src, sk, sn, K, N, 16 * p, pairs, dst + p * pairs * 32);
   });
   return packed;
 }
