@@ -115,10 +115,15 @@ class HeadGemms {
       at::mm_out(out, block, weight_acc_);
       return;
     }
-    // The coefficients round to bf16 here, as in eager bf16 autograd; the sum stays fp32.
-    const at::Tensor left = even_width(block.to(at::kBFloat16));
-    bf16_gemm(left.data_ptr<at::BFloat16>(), left.size(1), packed_for_coefficients_, block.size(0),
-              hidden_size_, left.size(1), out.data_ptr<float>(), hidden_size_, false, nullptr);
+    // The coefficients round to bf16 here, as in eager bf16 autograd; the sum stays fp32. One buffer
+    // for every block of the call (a fresh one per block cost ~30 ms of page faults each at 64 MiB).
+    const int64_t rows = block.size(0), width = vocab_ + vocab_ % 2;
+    if (!coefficients_bf16_.defined() || coefficients_bf16_.size(0) < rows) {
+      coefficients_bf16_ = at::zeros({rows, width}, block.options().dtype(at::kBFloat16));
+    }
+    coefficients_bf16_.narrow(0, 0, rows).narrow(1, 0, vocab_).copy_(block);
+    bf16_gemm(coefficients_bf16_.data_ptr<at::BFloat16>(), width, packed_for_coefficients_, rows,
+              hidden_size_, width, out.data_ptr<float>(), hidden_size_, false, nullptr);
   }
 
   // grad_weight += block^T @ hidden_rows, grad_bias += column sums of block.
@@ -138,6 +143,7 @@ class HeadGemms {
   at::Tensor weight_acc_;
   c10::optional<at::Tensor> bias_acc_;
   at::Tensor packed_for_logits_, packed_for_coefficients_;
+  mutable at::Tensor coefficients_bf16_;  // [block rows, V rounded up to even], the pad column 0
   int64_t vocab_ = 0, hidden_size_ = 0;
 };
 

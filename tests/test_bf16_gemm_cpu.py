@@ -75,10 +75,15 @@ def oracle(hidden, weight, bias, targets, softcap):
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
 @pytest.mark.parametrize("d, V", [(600, 1002), (601, 1003)], ids=["even", "odd"])
-def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, with_bias, softcap, d, V):
+@pytest.mark.parametrize("block_rows", [5, None], ids=["5-row-blocks", "one-block"])
+def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, with_bias, softcap, d,
+                                               V, block_rows):
     """fp32 logits (log p to fp32 accuracy on the rounded inputs); the Jacobian within eager bf16
     autograd's error + one bf16 eps, as the GPU backends; and the bf16 GEMMs are really in use: the
-    Jacobian carries the rounding of its coefficients to bf16, which the upcast path does not."""
+    Jacobian carries the rounding of its coefficients to bf16, which the upcast path does not. 37
+    tokens in blocks of 5 end with a smaller block (buffers reused across blocks)."""
+    if block_rows:
+        monkeypatch.setattr(backends, "CPU_LOGITS_BLOCK_BYTES", block_rows * V * 4)
     torch.manual_seed(0)
     N = 37
     hidden = torch.randn(N, d).bfloat16()
