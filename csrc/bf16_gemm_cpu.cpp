@@ -211,23 +211,34 @@ void bf16_gemm(const at::BFloat16* a, int64_t lda, const at::Tensor& packed_b, i
   const int64_t panel_stride = pairs * 32;
   const int64_t groups = (N + 16 * NP - 1) / (16 * NP);
   const int64_t row_tasks = (M + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+  // A task is a range of rows and of column groups. For a long K (the Jacobian's: K = V) it walks
+  // several groups for each cache block of k, so that the block of left rows, read from memory once,
+  // serves them all from cache (one group per task read the rows once per group: ~5x the traffic at
+  // d = 576); groups are shared out only as far as 4 tasks per thread need.
+  const int64_t tasks_wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t group_span =
+      pairs > 4 * KC ? std::clamp<int64_t>(groups * row_tasks / tasks_wanted, 1, groups) : 1;
+  const int64_t group_tasks = (groups + group_span - 1) / group_span;
   // Tasks in column-group-major order: a thread's consecutive tasks share their packed panels.
-  at::parallel_for(0, groups * row_tasks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, group_tasks * row_tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t group = task / row_tasks;
+      const int64_t group_begin = (task / row_tasks) * group_span;
+      const int64_t group_end = std::min(groups, group_begin + group_span);
       const int64_t row_begin = (task % row_tasks) * ROWS_PER_TASK;
       const int64_t row_end = std::min(M, row_begin + ROWS_PER_TASK);
-      const int64_t col = group * 16 * NP;
-      const int64_t cols = std::min<int64_t>(16 * NP, N - col);
-      const uint16_t* panels = right + group * NP * panel_stride;
       for (int64_t k0 = 0; k0 < pairs; k0 += KC) {
         const int64_t k1 = std::min(pairs, k0 + KC);
         const bool load_c = accumulate || k0 > 0;
-        const float* init = (!load_c && bias != nullptr) ? bias + col : nullptr;
-        for (int64_t r = row_begin; r < row_end; r += MR) {
-          const int rows = static_cast<int>(std::min<int64_t>(MR, row_end - r));
-          TILES[rows](left + r * lda, lda, panels, panel_stride, k0, k1, c + r * ldc + col, ldc,
-                      cols, load_c, init);
+        for (int64_t group = group_begin; group < group_end; ++group) {
+          const int64_t col = group * 16 * NP;
+          const int64_t cols = std::min<int64_t>(16 * NP, N - col);
+          const uint16_t* panels = right + group * NP * panel_stride;
+          const float* init = (!load_c && bias != nullptr) ? bias + col : nullptr;
+          for (int64_t r = row_begin; r < row_end; r += MR) {
+            const int rows = static_cast<int>(std::min<int64_t>(MR, row_end - r));
+            TILES[rows](left + r * lda, lda, panels, panel_stride, k0, k1, c + r * ldc + col, ldc,
+                        cols, load_c, init);
+          }
         }
       }
     }

@@ -20,8 +20,10 @@ def fp32_accumulation_bound(a, b):
 
 
 # (M, K, N): one element; K odd (a zero column is appended); N and M past the 64-column and 6-row
-# register tiles and the 96-row tasks; K past one 256-value cache block.
-SHAPES = [(1, 1, 1), (7, 13, 251), (37, 600, 1003), (5, 601, 70), (197, 576, 193)]
+# register tiles and the 96-row tasks; K past one 256-value cache block; K past 1,024 (tasks then
+# walk several column groups per cache block, as for the Jacobian, K = V).
+SHAPES = [(1, 1, 1), (7, 13, 251), (37, 600, 1003), (5, 601, 70), (197, 576, 193), (13, 2101, 70),
+          (200, 2100, 130)]
 
 
 @needs_avx512_bf16
