@@ -22,6 +22,11 @@ import torch
 # fp32 logits plus weights in the input dtype; 48 MiB (+ one [R, d] fp32 GEMM output, 16 MiB at
 # R = 1024, d = 4096) keeps the op's extra memory under N*d*4 bytes (the Jacobian) + 64 MB.
 CPU_LOGITS_BLOCK_BYTES = 128 * 2**20
+# With the bf16 GEMM (see cpu_bf16_gemm) a block also needs its coefficients in bf16 (half as many
+# bytes again) and the head is packed twice (2·V·d bf16); the package's GEMM keeps its rate on blocks
+# of a few hundred rows, so the block budget is halved to keep the frozen head's memory within 1/8 of
+# the materialised path's.
+CPU_BF16_LOGITS_BLOCK_BYTES = 64 * 2**20
 GPU_LOGITS_BLOCK_BYTES = 48 * 2**20
 # Token rows per chunk on GPUs: >= ~300 keeps bf16 GEMMs compute-bound on an H100 (its FLOP/byte
 # ridge); 1024 rows leave chunks of 8k columns at V = 128k within the budget.
@@ -83,7 +88,8 @@ class CpuBackend:
 
     def _block_rows(self, weight: torch.Tensor) -> int:
         bytes_per_logit = torch.empty((), dtype=accumulation_dtype(weight.dtype)).element_size()
-        return block_rows_for_budget(weight.shape[0], bytes_per_logit, CPU_LOGITS_BLOCK_BYTES)
+        budget = CPU_BF16_LOGITS_BLOCK_BYTES if self._bf16_gemm(weight) else CPU_LOGITS_BLOCK_BYTES
+        return block_rows_for_budget(weight.shape[0], bytes_per_logit, budget)
 
     @staticmethod
     def _bf16_gemm(weight: torch.Tensor) -> bool:

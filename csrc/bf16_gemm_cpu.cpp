@@ -112,6 +112,8 @@ void pack_panel(const uint16_t* src, int64_t sk, int64_t sn, int64_t K, int64_t 
 at::Tensor pack_bf16_right_operand(const at::Tensor& b) {
   TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kBFloat16,
               "pack_bf16_right_operand: expected a 2-D bf16 tensor");
+  // The fast paths use AVX2 / AVX-512 instructions, which every AVX512-BF16 CPU has.
+  TORCH_CHECK(cpu_has_avx512_bf16(), "pack_bf16_right_operand: this CPU has no AVX512-BF16");
   const int64_t K = b.size(0), N = b.size(1);
   const int64_t pairs = (K + 1) / 2;
   const int64_t panels = (N + 16 * NP - 1) / (16 * NP) * NP;

@@ -85,7 +85,8 @@ def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, w
     Jacobian carries the rounding of its coefficients to bf16, which the upcast path does not. 37
     tokens in blocks of 5 end with a smaller block (buffers reused across blocks)."""
     if block_rows:
-        monkeypatch.setattr(backends, "CPU_LOGITS_BLOCK_BYTES", block_rows * V * 4)
+        for budget in ("CPU_LOGITS_BLOCK_BYTES", "CPU_BF16_LOGITS_BLOCK_BYTES"):
+            monkeypatch.setattr(backends, budget, block_rows * V * 4)
     torch.manual_seed(0)
     N = 37
     hidden = torch.randn(N, d).bfloat16()
