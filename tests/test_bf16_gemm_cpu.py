@@ -8,6 +8,7 @@ import torch
 
 from autoregembed_fast import _C, token_logprobs
 from autoregembed_fast import backends
+from oracle import oracle_grads, token_logprobs_oracle
 
 needs_avx512_bf16 = pytest.mark.skipif(
     not _C.cpu_has_avx512_bf16(), reason="this CPU has no AVX512-BF16 (lscpu flag avx512_bf16): "
@@ -64,15 +65,6 @@ def bf16_gemm_setting(monkeypatch):
     backends.cpu_bf16_gemm.cache_clear()
 
 
-def oracle(hidden, weight, bias, targets, softcap):
-    logits = hidden.double() @ weight.double().t()
-    if bias is not None:
-        logits = logits + bias.double()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-
-
 @needs_avx512_bf16
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
@@ -93,9 +85,8 @@ def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, w
     weight = (torch.randn(V, d) * (3.0 / math.sqrt(d))).bfloat16()
     bias = torch.randn(V).bfloat16() if with_bias else None
     targets = torch.randint(0, V, (N,))
-    truth_hidden = hidden.double().requires_grad_()
-    truth = oracle(truth_hidden, weight, bias, targets, softcap)
-    (truth_jacobian,) = torch.autograd.grad(truth.sum(), truth_hidden)
+    truth = token_logprobs_oracle(hidden, weight, targets, bias, softcap=softcap)
+    truth_jacobian, _, _ = oracle_grads(hidden, weight, targets, torch.ones(N), bias, softcap=softcap)
     eager_hidden = hidden.clone().requires_grad_()
     logits = eager_hidden @ weight.t() + (0 if bias is None else bias)
     if softcap:

@@ -127,17 +127,24 @@ def last_token_embedder(model, tokenizer, prompt: str = EVAL_PROMPT, batch_size:
     return embed
 
 
+def causal_lm_of(encoder: str):
+    """(causal LM, tokenizer) that last-token pooling reads: a saved AutoRegEmbed's trained encoder,
+    or a base model (directory or "smollm2")."""
+    from autoregembed_fast.method.model import CONFIG_FILE, AutoRegEmbed, load_causal_lm
+
+    if Path(encoder, CONFIG_FILE).is_file():
+        saved = AutoRegEmbed.from_pretrained(encoder)
+        return saved.encoder, saved.tokenizer
+    return load_causal_lm(encoder)
+
+
 def build_embedder(encoder: str, pooling: str, k: int, batch_size: int):
-    from autoregembed_fast.method.model import CONFIG_FILE, AutoRegEmbed, load_causal_lm, load_encoder
+    from autoregembed_fast.method.model import load_encoder
 
     if pooling == "memory":
         model = load_encoder(encoder, k).eval()
         return lambda texts: model.encode(texts, batch_size=batch_size)
-    if Path(encoder, CONFIG_FILE).is_file():
-        saved = AutoRegEmbed.from_pretrained(encoder)
-        base, tokenizer = saved.encoder, saved.tokenizer
-    else:
-        base, tokenizer = load_causal_lm(encoder)
+    base, tokenizer = causal_lm_of(encoder)
     return last_token_embedder(base.eval(), tokenizer, batch_size=batch_size)
 
 
@@ -171,8 +178,7 @@ def main(argv=None) -> dict:
     if args.mteb is not None:
         from autoregembed_fast.method.mteb_evaluation import PAPER_STS_TASKS, tasks_named
 
-        mteb_tasks = args.mteb or list(PAPER_STS_TASKS)
-        tasks_named(mteb_tasks)  # unknown names fail here, before any model loads
+        mteb_tasks = tasks_named(args.mteb or PAPER_STS_TASKS)  # unknown names fail before any load
     results = {"encoder": args.encoder, "pooling": args.pooling}
     if triplets or pairs or sts_b:
         torch.manual_seed(0)  # freshly added compress tokens are initialised at random
@@ -198,14 +204,14 @@ def embedding_metrics(embed, triplets, pairs, sts_b, args) -> dict:
     return results
 
 
-def mteb_metrics(args, task_names) -> dict:
+def mteb_metrics(args, tasks) -> dict:
     """mteb's main scores (x 100) per task and split; its result files under args.mteb_output."""
     from autoregembed_fast.method.mteb_evaluation import run_mteb, summary_table
     from autoregembed_fast.method.sentence_transformers_module import sentence_transformer
 
     torch.manual_seed(0)
     model = sentence_transformer(args.encoder, args.pooling, args.k)
-    rows = run_mteb(model, task_names, Path(args.mteb_output), args.batch_size)
+    rows = run_mteb(model, tasks, Path(args.mteb_output), args.batch_size)
     print(summary_table(rows))
     return {"mteb": rows, "mteb_output": args.mteb_output}
 

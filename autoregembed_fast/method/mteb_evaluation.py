@@ -85,12 +85,11 @@ def tasks_named(names) -> list:
     return [LOCAL_TASKS[name]() if name in LOCAL_TASKS else found[name] for name in names]
 
 
-def run_mteb(model, task_names, output: Path, batch_size: int = 32) -> list[dict]:
-    """Runs mteb on a SentenceTransformer `model`; mteb writes its result files under `output`.
-    Returns one row per task and split: {task, split, main_score (x 100), metric}."""
+def run_mteb(model, tasks, output: Path, batch_size: int = 32) -> list[dict]:
+    """Runs mteb tasks (`tasks_named`) on a SentenceTransformer `model`; mteb writes its result files
+    under `output`. Returns one row per task and split: {task, split, main_score (x 100), metric}."""
     import mteb
 
-    tasks = tasks_named(task_names)
     results = mteb.evaluate(model, tasks, cache=mteb.ResultCache(cache_path=output),
                             overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
                             show_progress_bar=False)

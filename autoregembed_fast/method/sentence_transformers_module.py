@@ -24,7 +24,7 @@ import torch
 from sentence_transformers.base.modules import InputModule
 
 from autoregembed_fast.method.data import EVAL_PROMPT, prompted_batch
-from autoregembed_fast.method.evaluate import last_token_embeddings
+from autoregembed_fast.method.evaluate import causal_lm_of, last_token_embeddings
 from autoregembed_fast.method.model import (
     CONFIG_FILE,
     DOCUMENT_PROMPT,
@@ -70,11 +70,7 @@ class AutoRegEmbedModule(InputModule):
     def last_token(cls, base: str, prompt: str = EVAL_PROMPT) -> "AutoRegEmbedModule":
         """The untrained baseline: a base model (directory or "smollm2") with last-token pooling; a
         saved AutoRegEmbed directory gives its trained encoder."""
-        if Path(base, CONFIG_FILE).is_file():
-            saved = AutoRegEmbed.from_pretrained(base)
-            model, tokenizer = saved.encoder, saved.tokenizer
-        else:
-            model, tokenizer = load_causal_lm(base)
+        model, tokenizer = causal_lm_of(base)
         return cls(model.eval(), tokenizer, "last-token", prompt)
 
     def preprocess(self, inputs, prompt: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
