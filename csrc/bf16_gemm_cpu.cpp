@@ -24,7 +24,13 @@ namespace {
 constexpr int MR = 6;                 // rows of a register tile
 constexpr int NP = 4;                 // 16-column panels of a register tile
 constexpr int64_t KC = 128;           // pairs of k per cache block
-constexpr int64_t ROWS_PER_TASK = 96; // rows of one parallel task (a multiple of MR)
+// Register tiles of rows in one parallel task, at most: 192 rows. When a task walks every column group,
+// each of its row tasks streams the packed right operand once (the Jacobian's W: 56 MB), and 96 rows
+// did so twice as often (G @ W 0.34 -> 0.30 s per call at 4,096 x 49,152 x 576); 288 rows were no
+// faster (its rows' output, 0.66 MB at d = 576, then crowds a 1 MiB L2).
+constexpr int64_t TILES_PER_TASK = 32;
+// A left operand up to this size is read once per column group from cache (L2 / L3) rather than memory.
+constexpr int64_t LEFT_IN_CACHE_BYTES = 8 * 1024 * 1024;
 
 }  // namespace
 
@@ -40,11 +46,11 @@ bool cpu_has_avx512_bf16() {
 namespace {
 
 #ifdef AEF_HAVE_X86
-// out[k][j] = rows[j][k] for 16 rows of 32-bit words (row stride `stride` words), k in [0, 16):
-// a 16 x 16 transpose in registers (the head W read as W^T: each column's pair of bf16 values is one
-// 32-bit word of a row of W).
+// out[k * out_stride + j] = rows[j * stride + k] for 16 rows of 32-bit words, k in [0, 16): a 16 x 16
+// transpose in registers (the head W read as W^T: each column's pair of bf16 values is one 32-bit
+// word of a row of W; G^T in pairs of rows for the head's gradient).
 __attribute__((target("avx512f"))) void transpose_16x16_words(const uint32_t* rows, int64_t stride,
-                                                              uint32_t* out) {
+                                                              uint32_t* out, int64_t out_stride) {
   __m512i r[16], t[16];
   for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(rows + j * stride);
   for (int j = 0; j < 16; j += 2) {
@@ -63,10 +69,10 @@ __attribute__((target("avx512f"))) void transpose_16x16_words(const uint32_t* ro
     const __m512i b = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);       // lanes 1, 3 | 1, 3
     const __m512i c = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
     const __m512i d = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xdd);
-    _mm512_storeu_si512(out + (0 + i) * 16, _mm512_shuffle_i32x4(a, c, 0x88));
-    _mm512_storeu_si512(out + (8 + i) * 16, _mm512_shuffle_i32x4(a, c, 0xdd));
-    _mm512_storeu_si512(out + (4 + i) * 16, _mm512_shuffle_i32x4(b, d, 0x88));
-    _mm512_storeu_si512(out + (12 + i) * 16, _mm512_shuffle_i32x4(b, d, 0xdd));
+    _mm512_storeu_si512(out + (0 + i) * out_stride, _mm512_shuffle_i32x4(a, c, 0x88));
+    _mm512_storeu_si512(out + (8 + i) * out_stride, _mm512_shuffle_i32x4(a, c, 0xdd));
+    _mm512_storeu_si512(out + (4 + i) * out_stride, _mm512_shuffle_i32x4(b, d, 0x88));
+    _mm512_storeu_si512(out + (12 + i) * out_stride, _mm512_shuffle_i32x4(b, d, 0xdd));
   }
 }
 
@@ -81,6 +87,25 @@ __attribute__((target("avx2"))) void interleave_16_pairs(const uint16_t* first, 
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
                       _mm256_permute2x128_si256(low, high, 0x31));
 }
+
+// dst[j][i .. i + 31] = bf16(src[i .. i + 31][j]) for 16 columns j of 32 rows i of src: 16 pairs of
+// rows are rounded (to nearest even), their values interleaved into 32-bit words (row 2p low, 2p + 1
+// high: one k pair of a left operand), and the 16 x 16 words transposed.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void transpose_32x16_to_bf16(
+    const float* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
+  static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_loadu_si512(kInterleave);
+  alignas(64) uint32_t words[16 * 16];
+  for (int p = 0; p < 16; ++p) {
+    const __m512 first = _mm512_loadu_ps(src + 2 * p * ld_src);
+    const __m512 second = _mm512_loadu_ps(src + (2 * p + 1) * ld_src);
+    // cvtne2ps_pbh(a, b): b's 16 values in the low half, a's in the high half.
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(second, first);
+    _mm512_store_si512(words + 16 * p, _mm512_permutexvar_epi16(interleave, both));
+  }
+  transpose_16x16_words(words, 16, reinterpret_cast<uint32_t*>(dst), ld_dst / 2);
+}
 #endif
 
 // One 16-column panel of the packed operand: out[k][j][t] = b[2k + t][n0 + j], zeros past K and N.
@@ -93,7 +118,7 @@ void pack_panel(const uint16_t* src, int64_t sk, int64_t sn, int64_t K, int64_t 
     // b = a row-major W [N, K] read transposed, rows 32-bit aligned: 16 x 16 word transposes.
     const uint32_t* rows = reinterpret_cast<const uint32_t*>(src + n0 * sn);
     for (; done + 16 <= full_pairs; done += 16) {
-      transpose_16x16_words(rows + done, sn / 2, reinterpret_cast<uint32_t*>(out + done * 32));
+      transpose_16x16_words(rows + done, sn / 2, reinterpret_cast<uint32_t*>(out + done * 32), 16);
     }
   }
 #endif
@@ -151,6 +176,34 @@ at::Tensor pack_bf16_right_operand(const at::Tensor& b) {
   return packed;
 }
 
+void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld_src,
+                       at::BFloat16* dst, int64_t ld_dst) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "transpose_to_bf16: this CPU has no AVX512-BF16");
+  TORCH_CHECK(ld_dst % 2 == 0 && ld_dst >= rows + rows % 2,
+              "transpose_to_bf16: the destination rows must be even and hold the padded width");
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+  const int64_t padded_rows = rows + rows % 2;
+  // A task is a run of 16 source columns (16 destination rows), written in full.
+  at::parallel_for(0, (cols + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t j0 = 16 * task, j1 = std::min(cols, j0 + 16);
+      int64_t i = 0;
+#ifdef AEF_HAVE_X86
+      if (j1 - j0 == 16) {
+        for (; i + 32 <= rows; i += 32) {
+          transpose_32x16_to_bf16(src + i * ld_src + j0, ld_src, out + j0 * ld_dst + i, ld_dst);
+        }
+      }
+#endif
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t r = i; r < padded_rows; ++r) {
+          out[j * ld_dst + r] = r < rows ? c10::BFloat16(src[r * ld_src + j]).x : uint16_t(0);
+        }
+      }
+    }
+  });
+}
+
 #ifdef AEF_HAVE_X86
 namespace {
 
@@ -194,6 +247,13 @@ __attribute__((target("avx512f,avx512bf16"))) void tile(
   }
 }
 
+// Prefetches `rows` rows of `cols` fp32 values (row stride ld) into L1.
+void prefetch_rows(const float* c, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; j += 16) __builtin_prefetch(c + i * ld + j, 0, 3);
+  }
+}
+
 using TileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
                         float*, int64_t, int64_t, bool, const float*);
 constexpr TileFn TILES[MR + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
@@ -212,22 +272,33 @@ void bf16_gemm(const at::BFloat16* a, int64_t lda, const at::Tensor& packed_b, i
   const int64_t pairs = K / 2;
   const int64_t panel_stride = pairs * 32;
   const int64_t groups = (N + 16 * NP - 1) / (16 * NP);
-  const int64_t row_tasks = (M + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-  // A task is a range of rows and of column groups. For a long K (the Jacobian's: K = V) it walks
-  // several groups for each cache block of k, so that the block of left rows, read from memory once,
-  // serves them all from cache (one group per task read the rows once per group: ~5x the traffic at
-  // d = 576); groups are shared out only as far as 4 tasks per thread need.
-  const int64_t tasks_wanted = 4 * static_cast<int64_t>(at::get_num_threads());
-  const int64_t group_span =
-      pairs > 4 * KC ? std::clamp<int64_t>(groups * row_tasks / tasks_wanted, 1, groups) : 1;
-  const int64_t group_tasks = (groups + group_span - 1) / group_span;
+  const int64_t threads = at::get_num_threads();
+  // A task is a range of rows (whole register tiles, spread evenly) and of column groups. When the
+  // left operand does not stay in cache (the Jacobian's G [C, V], the head gradient's G^T [V, C]), a
+  // task walks every group for each cache block of k, so that the block of left rows, read from
+  // memory once, serves them all from cache (one group per task read the rows once per group: ~5x
+  // the traffic at d = 576); its row tasks are then a multiple of the threads, so that each thread
+  // gets the same rows (at::parallel_for hands a thread a contiguous run of tasks: 4 tasks of 96, 96,
+  // 96, 53 rows x 3 groups each over 2 threads had made one thread do 2x the other's work at 341 rows,
+  // the op's bf16 block).
+  // Otherwise (the logits' H [C, d]) a task is one group, whose panels serve every row task in turn
+  // from L2 while the left rows come from cache (walking the groups there streamed the 56 MB of
+  // packed W^T once per row task: 20 % slower at 4,096 x 576 x 49,152).
+  const int64_t tiles = (M + MR - 1) / MR;
+  const bool walk_groups = M * K * 2 > LEFT_IN_CACHE_BYTES;
+  const int64_t row_tasks =
+      walk_groups ? std::min(tiles, threads * ((tiles + threads * TILES_PER_TASK - 1) /
+                                               (threads * TILES_PER_TASK)))
+                  : (tiles + TILES_PER_TASK - 1) / TILES_PER_TASK;
+  const int64_t group_tasks = walk_groups ? 1 : groups;
   // Tasks in column-group-major order: a thread's consecutive tasks share their packed panels.
   at::parallel_for(0, group_tasks * row_tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t group_begin = (task / row_tasks) * group_span;
-      const int64_t group_end = std::min(groups, group_begin + group_span);
-      const int64_t row_begin = (task % row_tasks) * ROWS_PER_TASK;
-      const int64_t row_end = std::min(M, row_begin + ROWS_PER_TASK);
+      const int64_t group_task = task / row_tasks, row_task = task % row_tasks;
+      const int64_t group_begin = group_task * groups / group_tasks;
+      const int64_t group_end = (group_task + 1) * groups / group_tasks;
+      const int64_t row_begin = row_task * tiles / row_tasks * MR;
+      const int64_t row_end = std::min(M, (row_task + 1) * tiles / row_tasks * MR);
       for (int64_t k0 = 0; k0 < pairs; k0 += KC) {
         const int64_t k1 = std::min(pairs, k0 + KC);
         const bool load_c = accumulate || k0 > 0;
@@ -238,6 +309,13 @@ void bf16_gemm(const at::BFloat16* a, int64_t lda, const at::Tensor& packed_b, i
           const float* init = (!load_c && bias != nullptr) ? bias + col : nullptr;
           for (int64_t r = row_begin; r < row_end; r += MR) {
             const int rows = static_cast<int>(std::min<int64_t>(MR, row_end - r));
+            // An accumulated c (the head gradient's, summed over blocks of tokens) comes from
+            // memory: fetching the next tile's rows during this tile hides that (dW GEMM 0.41 ->
+            // 0.29 s at 49,152 x 576 x 341 x 12 blocks).
+            if (load_c && r + MR < row_end) {
+              prefetch_rows(c + (r + MR) * ldc + col, ldc, std::min<int64_t>(MR, row_end - r - MR),
+                            cols);
+            }
             TILES[rows](left + r * lda, lda, panels, panel_stride, k0, k1, c + r * ldc + col, ldc,
                         cols, load_c, init);
           }

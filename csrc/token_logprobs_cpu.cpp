@@ -129,8 +129,24 @@ class HeadGemms {
   // grad_weight += block^T @ hidden_rows, grad_bias += column sums of block.
   void add_head_gradients(at::Tensor& grad_weight, at::Tensor& grad_bias, const at::Tensor& block,
                           const at::Tensor& hidden_rows) const {
-    if (grad_weight.defined()) grad_weight.addmm_(block.t(), hidden_rows.to(block.scalar_type()));
     if (grad_bias.defined()) grad_bias.add_(block.sum(0));
+    if (!grad_weight.defined()) return;
+    if (!bf16_) {
+      grad_weight.addmm_(block.t(), hidden_rows.to(block.scalar_type()));
+      return;
+    }
+    // The coefficients round to bf16 as for G @ W, here transposed (G^T [V, rows] is the left
+    // operand), and the hidden rows [rows, d] are packed as the right one; the sum stays fp32. The
+    // transposed buffer is sized by the first (largest) block and serves the call's every block.
+    const int64_t rows = block.size(0), width = rows + rows % 2;
+    if (!transposed_coefficients_bf16_.defined()) {
+      transposed_coefficients_bf16_ = at::empty({vocab_, width}, block.options().dtype(at::kBFloat16));
+    }
+    const int64_t ld = transposed_coefficients_bf16_.size(1);
+    at::BFloat16* transposed = transposed_coefficients_bf16_.data_ptr<at::BFloat16>();
+    transpose_to_bf16(block.data_ptr<float>(), rows, vocab_, vocab_, transposed, ld);
+    bf16_gemm(transposed, ld, pack_bf16_right_operand(hidden_rows), vocab_, hidden_size_, width,
+              grad_weight.data_ptr<float>(), hidden_size_, true, nullptr);
   }
 
  private:
@@ -144,6 +160,7 @@ class HeadGemms {
   c10::optional<at::Tensor> bias_acc_;
   at::Tensor packed_for_logits_, packed_for_coefficients_;
   mutable at::Tensor coefficients_bf16_;  // [block rows, V rounded up to even], the pad column 0
+  mutable at::Tensor transposed_coefficients_bf16_;  // [V, block rows rounded up to even]
   int64_t vocab_ = 0, hidden_size_ = 0;
 };
 

@@ -21,10 +21,11 @@ def fp32_accumulation_bound(a, b):
 
 
 # (M, K, N): one element; K odd (a zero column is appended); N and M past the 64-column and 6-row
-# register tiles and the 96-row tasks; K past one 256-value cache block; K past 1,024 (tasks then
-# walk several column groups per cache block, as for the Jacobian, K = V).
+# register tiles and the 96-row tasks; K past one 256-value cache block; a left operand past 8 MiB
+# (tasks then walk every column group per cache block, as for the Jacobian, K = V), with rows for
+# every thread and with two register tiles (one partial).
 SHAPES = [(1, 1, 1), (7, 13, 251), (37, 600, 1003), (5, 601, 70), (197, 576, 193), (13, 2101, 70),
-          (200, 2100, 130)]
+          (200, 2100, 130), (200, 24000, 130), (9, 500000, 70)]
 
 
 @needs_avx512_bf16
@@ -110,6 +111,55 @@ def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, w
     assert jacobian_errors["1"] <= eager_error_of(eager_jacobian, truth_jacobian)
     # Only the bf16 GEMM rounds the coefficients (to bf16); the upcast path is fp32 throughout.
     assert jacobian_errors["1"] > 10 * jacobian_errors["0"]
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
+@pytest.mark.parametrize("d, V", [(600, 1002), (601, 1003)], ids=["even", "odd"])
+@pytest.mark.parametrize("block_rows", [5, 32, None], ids=["5-row-blocks", "32-row-blocks", "one-block"])
+def test_head_gradients_with_bf16_gemms_match_the_oracle(bf16_gemm_setting, monkeypatch, with_bias,
+                                                         softcap, d, V, block_rows):
+    """A trainable head's gradients (G^T @ H from the transposed coefficients rounded to bf16, and
+    the column sums of G), by the recompute backward (any upstream gradient) and by the one-sweep
+    route of scalar losses: within eager bf16 autograd's error + one bf16 eps, and the bf16 GEMM is
+    really in use (the upcast path does not round G). 37 tokens: blocks of 5 (odd K, padded) end with
+    2 rows; blocks of 32 give K past one 32-row transposed tile, then 5 rows; one block: 37 rows."""
+    if block_rows:
+        for budget in ("CPU_LOGITS_BLOCK_BYTES", "CPU_BF16_LOGITS_BLOCK_BYTES"):
+            monkeypatch.setattr(backends, budget, block_rows * V * 4)
+    torch.manual_seed(1)
+    N = 37
+    hidden = torch.randn(N, d).bfloat16()
+    weight = (torch.randn(V, d) * (3.0 / math.sqrt(d))).bfloat16()
+    bias = torch.randn(V).bfloat16() if with_bias else None
+    targets = torch.randint(0, V, (N,))
+    grad_logp = torch.randn(N)
+    _, truth_weight, truth_bias = oracle_grads(hidden, weight, targets, grad_logp, bias, softcap=softcap)
+    _, truth_summed, _ = oracle_grads(hidden, weight, targets, torch.ones(N), bias, softcap=softcap)
+    eager_weight = weight.clone().requires_grad_()
+    logits = hidden @ eager_weight.t() + (0 if bias is None else bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    eager = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
+    eager_grad, eager_summed = (torch.autograd.grad((eager * g).sum(), eager_weight, retain_graph=True)[0]
+                                for g in (grad_logp, torch.ones(N)))
+    bound, summed_bound = eager_error_of(eager_grad, truth_weight), eager_error_of(eager_summed, truth_summed)
+    backend = backends.CpuBackend()
+    errors = {}
+    for setting in ("1", "0"):
+        bf16_gemm_setting(setting)
+        _, lse, _ = backend.forward(hidden, weight, bias, targets, softcap, False)
+        _, grad_weight, grad_bias = backend.backward(hidden, weight, bias, targets, lse, grad_logp,
+                                                     softcap, False, True, with_bias)
+        assert grad_weight.dtype == torch.float32
+        errors[setting] = (grad_weight.double() - truth_weight).abs().max().item()
+        assert errors[setting] <= bound
+        if with_bias:
+            assert (grad_bias.double() - truth_bias).abs().max() <= 1e-5 * truth_bias.abs().max()
+        _, _, summed, _ = backend.summed_grads(hidden, weight, bias, targets, softcap, False, True)
+        assert (summed.double() - truth_summed).abs().max() <= summed_bound
+    assert errors["1"] > 10 * errors["0"]
 
 
 def eager_error_of(eager, truth):
