@@ -278,9 +278,9 @@ void bf16_gemm(const at::BFloat16* a, int64_t lda, const at::Tensor& packed_b, i
   // task walks every group for each cache block of k, so that the block of left rows, read from
   // memory once, serves them all from cache (one group per task read the rows once per group: ~5x
   // the traffic at d = 576); its row tasks are then a multiple of the threads, so that each thread
-  // gets the same rows (at::parallel_for hands a thread a contiguous run of tasks: 4 tasks of 96, 96,
-  // 96, 53 rows x 3 groups each over 2 threads had made one thread do 2x the other's work at 341 rows,
-  // the op's bf16 block).
+  // gets the same rows (at::parallel_for hands a thread a contiguous run of tasks: at 341 rows, the
+  // op's bf16 block, 12 tasks of rows 96 / 96 / 96 / 53 x groups 0-3 / 4-7 / 8 over 2 threads had
+  // given one thread 2.3x the other's work).
   // Otherwise (the logits' H [C, d]) a task is one group, whose panels serve every row task in turn
   // from L2 while the left rows come from cache (walking the groups there streamed the 56 MB of
   // packed W^T once per row task: 20 % slower at 4,096 x 576 x 49,152).

@@ -117,14 +117,16 @@ def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, w
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
 @pytest.mark.parametrize("d, V", [(600, 1002), (601, 1003)], ids=["even", "odd"])
-@pytest.mark.parametrize("block_rows", [5, 32, None], ids=["5-row-blocks", "32-row-blocks", "one-block"])
+@pytest.mark.parametrize("block_rows", [5, 32, None],
+                         ids=["5-row-blocks", "32-row-blocks", "one-block"])
 def test_head_gradients_with_bf16_gemms_match_the_oracle(bf16_gemm_setting, monkeypatch, with_bias,
                                                          softcap, d, V, block_rows):
     """A trainable head's gradients (G^T @ H from the transposed coefficients rounded to bf16, and
     the column sums of G), by the recompute backward (any upstream gradient) and by the one-sweep
     route of scalar losses: within eager bf16 autograd's error + one bf16 eps, and the bf16 GEMM is
     really in use (the upcast path does not round G). 37 tokens: blocks of 5 (odd K, padded) end with
-    2 rows; blocks of 32 give K past one 32-row transposed tile, then 5 rows; one block: 37 rows."""
+    2 rows; blocks of 32 fill one 32-row tile of the vectorised transpose, then 5 rows by value; one
+    block of 37: a tile and 5 rows by value. V = 1002 / 1003 leave columns past the 16-column tiles."""
     if block_rows:
         for budget in ("CPU_LOGITS_BLOCK_BYTES", "CPU_BF16_LOGITS_BLOCK_BYTES"):
             monkeypatch.setattr(backends, budget, block_rows * V * 4)
@@ -135,16 +137,19 @@ def test_head_gradients_with_bf16_gemms_match_the_oracle(bf16_gemm_setting, monk
     bias = torch.randn(V).bfloat16() if with_bias else None
     targets = torch.randint(0, V, (N,))
     grad_logp = torch.randn(N)
-    _, truth_weight, truth_bias = oracle_grads(hidden, weight, targets, grad_logp, bias, softcap=softcap)
+    _, truth_weight, truth_bias = oracle_grads(hidden, weight, targets, grad_logp, bias,
+                                               softcap=softcap)
     _, truth_summed, _ = oracle_grads(hidden, weight, targets, torch.ones(N), bias, softcap=softcap)
     eager_weight = weight.clone().requires_grad_()
     logits = hidden @ eager_weight.t() + (0 if bias is None else bias)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     eager = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
-    eager_grad, eager_summed = (torch.autograd.grad((eager * g).sum(), eager_weight, retain_graph=True)[0]
-                                for g in (grad_logp, torch.ones(N)))
-    bound, summed_bound = eager_error_of(eager_grad, truth_weight), eager_error_of(eager_summed, truth_summed)
+    eager_grad, eager_summed = (
+        torch.autograd.grad((eager * g).sum(), eager_weight, retain_graph=True)[0]
+        for g in (grad_logp, torch.ones(N)))
+    bound = eager_error_of(eager_grad, truth_weight)
+    summed_bound = eager_error_of(eager_summed, truth_summed)
     backend = backends.CpuBackend()
     errors = {}
     for setting in ("1", "0"):
