@@ -66,6 +66,29 @@ def bf16_gemm_setting(monkeypatch):
     backends.cpu_bf16_gemm.cache_clear()
 
 
+def use_block_rows(monkeypatch, block_rows, V):
+    """Blocks of `block_rows` tokens (None: the package's budgets) on both CPU paths."""
+    if block_rows:
+        for budget in ("CPU_LOGITS_BLOCK_BYTES", "CPU_BF16_LOGITS_BLOCK_BYTES"):
+            monkeypatch.setattr(backends, budget, block_rows * V * 4)
+
+
+def draw_bf16_problem(seed, N, d, V, with_bias):
+    torch.manual_seed(seed)
+    hidden = torch.randn(N, d).bfloat16()
+    weight = (torch.randn(V, d) * (3.0 / math.sqrt(d))).bfloat16()
+    bias = torch.randn(V).bfloat16() if with_bias else None
+    return hidden, weight, bias, torch.randint(0, V, (N,))
+
+
+def eager_bf16_logprobs(hidden, weight, bias, targets, softcap):
+    """What eager bf16 autograd computes: bf16 logits, log-softmax in fp32."""
+    logits = hidden @ weight.t() + (0 if bias is None else bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
+
+
 @needs_avx512_bf16
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
@@ -77,22 +100,13 @@ def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, w
     autograd's error + one bf16 eps, as the GPU backends; and the bf16 GEMMs are really in use: the
     Jacobian carries the rounding of its coefficients to bf16, which the upcast path does not. 37
     tokens in blocks of 5 end with a smaller block (buffers reused across blocks)."""
-    if block_rows:
-        for budget in ("CPU_LOGITS_BLOCK_BYTES", "CPU_BF16_LOGITS_BLOCK_BYTES"):
-            monkeypatch.setattr(backends, budget, block_rows * V * 4)
-    torch.manual_seed(0)
+    use_block_rows(monkeypatch, block_rows, V)
     N = 37
-    hidden = torch.randn(N, d).bfloat16()
-    weight = (torch.randn(V, d) * (3.0 / math.sqrt(d))).bfloat16()
-    bias = torch.randn(V).bfloat16() if with_bias else None
-    targets = torch.randint(0, V, (N,))
+    hidden, weight, bias, targets = draw_bf16_problem(0, N, d, V, with_bias)
     truth = token_logprobs_oracle(hidden, weight, targets, bias, softcap=softcap)
     truth_jacobian, _, _ = oracle_grads(hidden, weight, targets, torch.ones(N), bias, softcap=softcap)
     eager_hidden = hidden.clone().requires_grad_()
-    logits = eager_hidden @ weight.t() + (0 if bias is None else bias)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    eager = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
+    eager = eager_bf16_logprobs(eager_hidden, weight, bias, targets, softcap)
     (eager_jacobian,) = torch.autograd.grad(eager.sum(), eager_hidden)
     jacobian_errors = {}
     for setting in ("1", "0"):
@@ -127,24 +141,15 @@ def test_head_gradients_with_bf16_gemms_match_the_oracle(bf16_gemm_setting, monk
     really in use (the upcast path does not round G). 37 tokens: blocks of 5 (odd K, padded) end with
     2 rows; blocks of 32 fill one 32-row tile of the vectorised transpose, then 5 rows by value; one
     block of 37: a tile and 5 rows by value. V = 1002 / 1003 leave columns past the 16-column tiles."""
-    if block_rows:
-        for budget in ("CPU_LOGITS_BLOCK_BYTES", "CPU_BF16_LOGITS_BLOCK_BYTES"):
-            monkeypatch.setattr(backends, budget, block_rows * V * 4)
-    torch.manual_seed(1)
+    use_block_rows(monkeypatch, block_rows, V)
     N = 37
-    hidden = torch.randn(N, d).bfloat16()
-    weight = (torch.randn(V, d) * (3.0 / math.sqrt(d))).bfloat16()
-    bias = torch.randn(V).bfloat16() if with_bias else None
-    targets = torch.randint(0, V, (N,))
+    hidden, weight, bias, targets = draw_bf16_problem(1, N, d, V, with_bias)
     grad_logp = torch.randn(N)
     _, truth_weight, truth_bias = oracle_grads(hidden, weight, targets, grad_logp, bias,
                                                softcap=softcap)
     _, truth_summed, _ = oracle_grads(hidden, weight, targets, torch.ones(N), bias, softcap=softcap)
     eager_weight = weight.clone().requires_grad_()
-    logits = hidden @ eager_weight.t() + (0 if bias is None else bias)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    eager = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
+    eager = eager_bf16_logprobs(hidden, eager_weight, bias, targets, softcap)
     eager_grad, eager_summed = (
         torch.autograd.grad((eager * g).sum(), eager_weight, retain_graph=True)[0]
         for g in (grad_logp, torch.ones(N)))
