@@ -51,6 +51,25 @@ def test_bf16_matmul_is_fp32_accurate_on_the_rounded_inputs(shape, layout):
 
 
 @needs_avx512_bf16
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(37, 600, 1003), (200, 24000, 130)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_bf16_matmul_splits_its_work_right_for_any_thread_count(threads, shape):
+    """The tasks (row ranges, column groups) depend on the thread count: 1 and 3 threads as well as
+    the machine's, for a left operand below and above 8 MiB."""
+    M, K, N = shape
+    a, b = torch.randn(M, K).bfloat16(), torch.randn(K, N).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = _C.bf16_matmul_cpu(a, b)
+    finally:
+        torch.set_num_threads(before)
+    exact = a.double() @ b.double()
+    assert ((out.double() - exact).abs() <= fp32_accumulation_bound(a, b)).all()
+
+
+@needs_avx512_bf16
 def test_bf16_matmul_of_an_empty_product_is_zero():
     assert torch.equal(_C.bf16_matmul_cpu(torch.ones(3, 0).bfloat16(), torch.ones(0, 4).bfloat16()),
                        torch.zeros(3, 4))
