@@ -8,6 +8,7 @@ import torch
 
 from autoregembed_fast import _C, token_logprobs
 from autoregembed_fast import backends
+from autoregembed_fast.ops import reference_token_logprobs
 from oracle import oracle_grads, token_logprobs_oracle
 
 needs_avx512_bf16 = pytest.mark.skipif(
@@ -100,14 +101,6 @@ def draw_bf16_problem(seed, N, d, V, with_bias):
     return hidden, weight, bias, torch.randint(0, V, (N,))
 
 
-def eager_bf16_logprobs(hidden, weight, bias, targets, softcap):
-    """What eager bf16 autograd computes: bf16 logits, log-softmax in fp32."""
-    logits = hidden @ weight.t() + (0 if bias is None else bias)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
-
-
 @needs_avx512_bf16
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
@@ -125,7 +118,7 @@ def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, w
     truth = token_logprobs_oracle(hidden, weight, targets, bias, softcap=softcap)
     truth_jacobian, _, _ = oracle_grads(hidden, weight, targets, torch.ones(N), bias, softcap=softcap)
     eager_hidden = hidden.clone().requires_grad_()
-    eager = eager_bf16_logprobs(eager_hidden, weight, bias, targets, softcap)
+    eager = reference_token_logprobs(eager_hidden, weight, targets, bias, softcap=softcap)
     (eager_jacobian,) = torch.autograd.grad(eager.sum(), eager_hidden)
     jacobian_errors = {}
     for setting in ("1", "0"):
@@ -168,7 +161,7 @@ def test_head_gradients_with_bf16_gemms_match_the_oracle(bf16_gemm_setting, monk
                                                softcap=softcap)
     _, truth_summed, _ = oracle_grads(hidden, weight, targets, torch.ones(N), bias, softcap=softcap)
     eager_weight = weight.clone().requires_grad_()
-    eager = eager_bf16_logprobs(hidden, eager_weight, bias, targets, softcap)
+    eager = reference_token_logprobs(hidden, eager_weight, targets, bias, softcap=softcap)
     eager_grad, eager_summed = (
         torch.autograd.grad((eager * g).sum(), eager_weight, retain_graph=True)[0]
         for g in (grad_logp, torch.ones(N)))
