@@ -88,23 +88,23 @@ __attribute__((target("avx2"))) void interleave_16_pairs(const uint16_t* first, 
                       _mm256_permute2x128_si256(low, high, 0x31));
 }
 
-// dst[j][i .. i + 31] = bf16(src[i .. i + 31][j]) for 16 columns j of 32 rows i of src: 16 pairs of
-// rows are rounded (to nearest even), their values interleaved into 32-bit words (row 2p low, 2p + 1
-// high: one k pair of a left operand), and the 16 x 16 words transposed.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void transpose_32x16_to_bf16(
-    const float* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
-  static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i interleave = _mm512_loadu_si512(kInterleave);
+// dst[j][i .. i + 31] = src[i .. i + 31][j] for 16 columns j of 32 rows i of src: the 16 values of
+// each pair of rows interleaved into 32-bit words (row 2p low, 2p + 1 high: one k pair of a left
+// operand), then the 16 x 16 words transposed.
+__attribute__((target("avx512f"))) void transpose_32x16(const uint16_t* src, int64_t ld_src,
+                                                       uint16_t* dst, int64_t ld_dst) {
   alignas(64) uint32_t words[16 * 16];
   for (int p = 0; p < 16; ++p) {
-    const __m512 first = _mm512_loadu_ps(src + 2 * p * ld_src);
-    const __m512 second = _mm512_loadu_ps(src + (2 * p + 1) * ld_src);
-    // cvtne2ps_pbh(a, b): b's 16 values in the low half, a's in the high half.
-    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(second, first);
-    _mm512_store_si512(words + 16 * p, _mm512_permutexvar_epi16(interleave, both));
+    interleave_16_pairs(src + 2 * p * ld_src, src + (2 * p + 1) * ld_src,
+                        reinterpret_cast<uint16_t*>(words + 16 * p));
   }
   transpose_16x16_words(words, 16, reinterpret_cast<uint32_t*>(dst), ld_dst / 2);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) void round_32_to_bf16(const float* src, uint16_t* dst) {
+  // cvtne2ps_pbh(a, b): b's 16 values in the low half, a's in the high half.
+  _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16),
+                                                        _mm512_loadu_ps(src)));
 }
 #endif
 
@@ -176,29 +176,37 @@ at::Tensor pack_bf16_right_operand(const at::Tensor& b) {
   return packed;
 }
 
-void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld_src,
-                       at::BFloat16* dst, int64_t ld_dst) {
-  TORCH_CHECK(cpu_has_avx512_bf16(), "transpose_to_bf16: this CPU has no AVX512-BF16");
+void round_to_bf16(const float* src, int64_t n, at::BFloat16* dst) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+  int64_t i = 0;
+#ifdef AEF_HAVE_X86
+  for (; i + 32 <= n; i += 32) round_32_to_bf16(src + i, out + i);
+#endif
+  for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+}
+
+void transpose_bf16(const at::BFloat16* src, int64_t rows, int64_t cols, int64_t ld_src,
+                    at::BFloat16* dst, int64_t ld_dst) {
   TORCH_CHECK(ld_dst % 2 == 0 && ld_dst >= rows + rows % 2,
-              "transpose_to_bf16: the destination rows must be even and hold the padded width");
+              "transpose_bf16: the destination rows must be even and hold the padded width");
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(src);
   uint16_t* out = reinterpret_cast<uint16_t*>(dst);
   const int64_t padded_rows = rows + rows % 2;
+  const bool wide = cpu_has_avx512_bf16();  // its CPUs have the AVX-512 of the 32 x 16 tiles
   // A task is a run of 16 source columns (16 destination rows), written in full.
   at::parallel_for(0, (cols + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t j0 = 16 * task, j1 = std::min(cols, j0 + 16);
       int64_t i = 0;
 #ifdef AEF_HAVE_X86
-      if (j1 - j0 == 16) {
+      if (wide && j1 - j0 == 16) {
         for (; i + 32 <= rows; i += 32) {
-          transpose_32x16_to_bf16(src + i * ld_src + j0, ld_src, out + j0 * ld_dst + i, ld_dst);
+          transpose_32x16(in + i * ld_src + j0, ld_src, out + j0 * ld_dst + i, ld_dst);
         }
       }
 #endif
       for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t r = i; r < padded_rows; ++r) {
-          out[j * ld_dst + r] = r < rows ? c10::BFloat16(src[r * ld_src + j]).x : uint16_t(0);
-        }
+        for (int64_t r = i; r < padded_rows; ++r) out[j * ld_dst + r] = r < rows ? in[r * ld_src + j] : 0;
       }
     }
   });

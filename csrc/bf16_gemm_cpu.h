@@ -14,11 +14,15 @@ bool cpu_has_avx512_bf16();
 // multiple of the kernel's panel group, b[2k + t][16p + j] at [p][k][j][t] and zeros beyond K and N.
 at::Tensor pack_bf16_right_operand(const at::Tensor& b);
 
-// dst[j][i] = bf16(src[i][j]) (rounded to nearest even) for i < rows, j < cols, and dst[j][rows] = 0 when
-// rows is odd: src^T as bf16_gemm's left operand (K = rows rounded up to even). src fp32 with row
-// stride ld_src; dst with row stride ld_dst (even, >= the padded rows).
-void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld_src, at::BFloat16* dst,
-                       int64_t ld_dst);
+// dst[i] = bf16(src[i]) for i < n, rounded to nearest even (the CPU's conversion: denormals become 0).
+// Only on CPUs with AVX512-BF16 (the caller checks: this runs per slice of a row).
+void round_to_bf16(const float* src, int64_t n, at::BFloat16* dst);
+
+// dst[j][i] = src[i][j] for i < rows, j < cols, and dst[j][rows] = 0 when rows is odd: src^T as
+// bf16_gemm's left operand (K = rows rounded up to even). Row strides ld_src and ld_dst (ld_dst even,
+// >= the padded rows).
+void transpose_bf16(const at::BFloat16* src, int64_t rows, int64_t cols, int64_t ld_src,
+                    at::BFloat16* dst, int64_t ld_dst);
 
 // c[M, N] (fp32, row stride ldc) = init + a @ b, with a [M, K] bf16 (row stride lda, K even: pad an
 // odd K with a zero column) and b given packed (pack_bf16_right_operand of b [K, N]). init is c itself

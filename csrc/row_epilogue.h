@@ -70,22 +70,22 @@ __attribute__((always_inline)) inline acc_t logsumexp(const acc_t* z, int64_t V)
   return row_max + std::log(exp_sum);
 }
 
-// Overwrites the (already capped) logits z with scale * d log p[target] / d z_raw, where z_raw are the
-// logits before the softcap (formulas in epilogue_math.h). Multiplying the result by W gives
-// scale * d log p / d hidden.
+// out <- scale * d log p[target] / d z_raw for the (already capped) logits z, where z_raw are the logits
+// before the softcap (formulas in epilogue_math.h); out may be z itself. Multiplying the result by W
+// gives scale * d log p / d hidden. `target` may lie outside [0, V) (a slice of a row without it).
 template <typename acc_t>
 __attribute__((always_inline)) inline void logprob_grad_coefficients(
-    acc_t* z, int64_t V, acc_t cap, int64_t target, acc_t lse, acc_t scale) {
+    const acc_t* z, int64_t V, acc_t cap, int64_t target, acc_t lse, acc_t scale, acc_t* out) {
   if (cap > 0) {
     const acc_t inv_cap = acc_t(1) / cap;
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      z[v] = grad_coefficient(fast_exp(z[v] - lse), softcap_slope(z[v], inv_cap), v == target, scale);
+      out[v] = grad_coefficient(fast_exp(z[v] - lse), softcap_slope(z[v], inv_cap), v == target, scale);
     }
   } else {
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      z[v] = grad_coefficient(fast_exp(z[v] - lse), acc_t(1), v == target, scale);
+      out[v] = grad_coefficient(fast_exp(z[v] - lse), acc_t(1), v == target, scale);
     }
   }
 }
