@@ -104,14 +104,16 @@ def draw_bf16_problem(seed, N, d, V, with_bias):
 @needs_avx512_bf16
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
-@pytest.mark.parametrize("d, V", [(600, 1002), (601, 1003)], ids=["even", "odd"])
+@pytest.mark.parametrize("d, V", [(600, 1002), (601, 1003), (64, 2085)],
+                         ids=["even", "odd", "V-past-two-epilogue-slices"])
 @pytest.mark.parametrize("block_rows", [5, None], ids=["5-row-blocks", "one-block"])
 def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, with_bias, softcap, d,
                                                V, block_rows):
     """fp32 logits (log p to fp32 accuracy on the rounded inputs); the Jacobian within eager bf16
     autograd's error + one bf16 eps, as the GPU backends; and the bf16 GEMMs are really in use: the
     Jacobian carries the rounding of its coefficients to bf16, which the upcast path does not. 37
-    tokens in blocks of 5 end with a smaller block (buffers reused across blocks)."""
+    tokens in blocks of 5 end with a smaller block (buffers reused across blocks); V = 2085 spans
+    three of the epilogue's 1,024-logit slices (targets in each)."""
     use_block_rows(monkeypatch, block_rows, V)
     N = 37
     hidden, weight, bias, targets = draw_bf16_problem(0, N, d, V, with_bias)
@@ -142,7 +144,8 @@ def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, w
 @needs_avx512_bf16
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
-@pytest.mark.parametrize("d, V", [(600, 1002), (601, 1003)], ids=["even", "odd"])
+@pytest.mark.parametrize("d, V", [(600, 1002), (601, 1003), (64, 2085)],
+                         ids=["even", "odd", "V-past-two-epilogue-slices"])
 @pytest.mark.parametrize("block_rows", [5, 32, None],
                          ids=["5-row-blocks", "32-row-blocks", "one-block"])
 def test_head_gradients_with_bf16_gemms_match_the_oracle(bf16_gemm_setting, monkeypatch, with_bias,
@@ -152,7 +155,8 @@ def test_head_gradients_with_bf16_gemms_match_the_oracle(bf16_gemm_setting, monk
     route of scalar losses: within eager bf16 autograd's error + one bf16 eps, and the bf16 GEMM is
     really in use (the upcast path does not round G). 37 tokens: blocks of 5 (odd K, padded) end with
     2 rows; blocks of 32 fill one 32-row tile of the vectorised transpose, then 5 rows by value; one
-    block of 37: a tile and 5 rows by value. V = 1002 / 1003 leave columns past the 16-column tiles."""
+    block of 37: a tile and 5 rows by value. V = 1002 / 1003 leave columns past the 16-column tiles;
+    V = 2085 spans three of the epilogue's 1,024-logit slices."""
     use_block_rows(monkeypatch, block_rows, V)
     N = 37
     hidden, weight, bias, targets = draw_bf16_problem(1, N, d, V, with_bias)
