@@ -192,7 +192,7 @@ void transpose_bf16(const at::BFloat16* src, int64_t rows, int64_t cols, int64_t
   const uint16_t* in = reinterpret_cast<const uint16_t*>(src);
   uint16_t* out = reinterpret_cast<uint16_t*>(dst);
   const int64_t padded_rows = rows + rows % 2;
-  const bool wide = cpu_has_avx512_bf16();  // its CPUs have the AVX-512 of the 32 x 16 tiles
+  const bool wide = cpu_has_avx512_bf16();  // the 32 x 16 tiles need AVX-512, which such CPUs have
   // A task is a run of 16 source columns (16 destination rows), written in full.
   at::parallel_for(0, (cols + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
@@ -206,7 +206,9 @@ void transpose_bf16(const at::BFloat16* src, int64_t rows, int64_t cols, int64_t
       }
 #endif
       for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t r = i; r < padded_rows; ++r) out[j * ld_dst + r] = r < rows ? in[r * ld_src + j] : 0;
+        for (int64_t r = i; r < padded_rows; ++r) {
+          out[j * ld_dst + r] = r < rows ? in[r * ld_src + j] : uint16_t(0);
+        }
       }
     }
   });

@@ -14,7 +14,8 @@ bool cpu_has_avx512_bf16();
 // multiple of the kernel's panel group, b[2k + t][16p + j] at [p][k][j][t] and zeros beyond K and N.
 at::Tensor pack_bf16_right_operand(const at::Tensor& b);
 
-// dst[i] = bf16(src[i]) for i < n, rounded to nearest even (the CPU's conversion: denormals become 0).
+// dst[i] = bf16(src[i]) for i < n, rounded to nearest even (denormals may become 0: the CPU's
+// conversion flushes them).
 // Only on CPUs with AVX512-BF16 (the caller checks: this runs per slice of a row).
 void round_to_bf16(const float* src, int64_t n, at::BFloat16* dst);
 
