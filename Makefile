@@ -45,8 +45,7 @@ demo: $(VENV)/.demo-installed
 # compress"): hours on 2 cores.
 demo-long: $(VENV)/.demo-installed
 	$(BIN)/python -m autoregembed_fast.demo --output demo-long-output --stage1-steps 2000 \
-		--stage1-lr 1e-4 --stage1-warmup 0.05 --stage1-memory-norm none --stage1-memory-layer last \
-		--no-stage1-bos-before-memory
+		--stage1-lr 1e-4 --stage1-warmup 0.05 --stage1-memory-norm none --stage1-memory-layer last
 
 # One command for a machine with a CUDA GPU and no network: `make gpu PYTHON=python3` builds the
 # package in place (editable) against that Python's torch and triton, runs the whole test suite on CUDA
