@@ -86,6 +86,6 @@ def test_the_makefile_demo_targets_parse():
     assert len(commands) == 2
     parsed = [demo.parse_args(shlex.split(command)) for command in commands]
     assert parsed[1].stage1_steps > parsed[0].stage1_steps
-    assert parsed[0].stage1_memory_layer == 20 and parsed[1].stage1_memory_layer is None
+    assert parsed[0].stage1_memory_layer == 15 and parsed[1].stage1_memory_layer is None
     assert not parsed[0].stage1_bos_before_memory and not parsed[1].stage1_bos_before_memory
     assert parsed[1].output != parsed[0].output
