@@ -76,6 +76,11 @@ def test_bf16_matmul_of_an_empty_product_is_zero():
                        torch.zeros(3, 4))
 
 
+# (d, V) of the op tests: even, odd, and a V spanning three of the epilogue's 1,024-logit slices.
+OP_SHAPES = [(600, 1002), (601, 1003), (64, 2085)]
+OP_SHAPE_IDS = ["even", "odd", "V-past-two-epilogue-slices"]
+
+
 @pytest.fixture
 def bf16_gemm_setting(monkeypatch):
     def use(setting):
@@ -104,8 +109,7 @@ def draw_bf16_problem(seed, N, d, V, with_bias):
 @needs_avx512_bf16
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
-@pytest.mark.parametrize("d, V", [(600, 1002), (601, 1003), (64, 2085)],
-                         ids=["even", "odd", "V-past-two-epilogue-slices"])
+@pytest.mark.parametrize("d, V", OP_SHAPES, ids=OP_SHAPE_IDS)
 @pytest.mark.parametrize("block_rows", [5, None], ids=["5-row-blocks", "one-block"])
 def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, with_bias, softcap, d,
                                                V, block_rows):
@@ -144,8 +148,7 @@ def test_op_with_bf16_gemms_matches_the_oracle(bf16_gemm_setting, monkeypatch, w
 @needs_avx512_bf16
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
-@pytest.mark.parametrize("d, V", [(600, 1002), (601, 1003), (64, 2085)],
-                         ids=["even", "odd", "V-past-two-epilogue-slices"])
+@pytest.mark.parametrize("d, V", OP_SHAPES, ids=OP_SHAPE_IDS)
 @pytest.mark.parametrize("block_rows", [5, 32, None],
                          ids=["5-row-blocks", "32-row-blocks", "one-block"])
 def test_head_gradients_with_bf16_gemms_match_the_oracle(bf16_gemm_setting, monkeypatch, with_bias,
