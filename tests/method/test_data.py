@@ -101,3 +101,21 @@ def test_alignment_batch_without_self_score_encodes_only_the_queries():
     assert s_qn.tolist() == [[1, 2], [4, 5], [7, 8]]
 
 
+
+
+def test_in_batch_negatives_follow_each_querys_own_negatives():
+    tokenizer = tiny_tokenizer()
+    rows = stage2_rows(3, n_negatives=1)
+    batch = alignment_batch(tokenizer, rows, Tokenization(), in_batch_negatives=True)
+    assert batch["n_negatives"] == 3  # its own negative, then the 2 other rows' positives
+    # Per query: pos | M_q, pos | M_p, neg | M_q, then pos_j | M_q for j != i.
+    assert batch["memory_index"].tolist() == [0, 3, 0, 0, 0, 1, 4, 1, 1, 1, 2, 5, 2, 2, 2]
+    decoded = [tokenizer.decode(ids[mask.bool()]) for ids, mask in
+               zip(batch["target_ids"], batch["target_mask"])]
+    expected = []
+    for i, row in enumerate(rows):
+        others = [rows[j]["pos"] for j in range(3) if j != i]
+        expected += [row["pos"], row["pos"], row["neg"], *others]
+    assert decoded == [text + "</s>" for text in expected]
+    single = alignment_batch(tokenizer, rows[:1], Tokenization(), in_batch_negatives=True)
+    assert single["n_negatives"] == 1  # a batch of one has no other positives

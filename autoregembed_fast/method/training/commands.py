@@ -158,7 +158,8 @@ def command_align(args) -> None:
         loss = AlignmentLoss(args.beta, args.temperature, args.reference_sign)
         objective = AlignmentObjective(decoder.to(cluster.device), model.tokenizer, settings, loss,
                                        references, args.average_logprobs,
-                                       args.detach_self_score, model.decoder_bos_id, model.packed)
+                                       args.detach_self_score, model.decoder_bos_id, model.packed,
+                                       args.in_batch_negatives)
     run_training(args, cluster, model, objective, len(rows))
 
 
@@ -280,6 +281,9 @@ def parse_args(argv=None):
                        help="+1: the released code's margin; -1: the DPO convention")
     align.add_argument("--detach-self-score", action="store_true",
                        help="stop-gradient on s_pp = log p(pos | M_pos) (not in the released code)")
+    align.add_argument("--in-batch-negatives", action="store_true",
+                       help="the other rows' positives of the batch are negatives too, scored under "
+                            "the query's memory with no reference term (not in the released code)")
     align.add_argument("--contrastive-temperature", type=float, default=0.05)
     add_common(align, training=True)
     args = parser.parse_args(argv)

@@ -115,6 +115,8 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
             record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "examples_per_s": throughput,
                       "elapsed_s": time.perf_counter() - started}
+            # What the stage-2 loss saw (rank 0's micro-batches): margins, saturation.
+            record.update(getattr(objective, "diagnostics", dict)())
             log.write(json.dumps(record) + "\n")
             log.flush()
             progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{throughput:.1f}")

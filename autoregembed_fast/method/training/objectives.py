@@ -55,25 +55,36 @@ def sequence_scores(decoder, memory, batch, average: bool, packed: bool = True):
     return scores / batch["target_mask"].sum(dim=1) if average else scores
 
 
+# A sigmoid term counts as saturated when its argument is beyond +-4.6 (sigmoid within 1 % of 0 or 1):
+# its gradient is then below 1 % of the largest.
+SATURATED = 4.6
+
+
 class AlignmentObjective:
     """Stage 2: one encoder pass over queries and positives, one decoder scoring pass over
     pos | M_query, pos | M_pos and every neg | M_query, the alignment loss against cached references.
     With `detach_self_score`, s_pp = log p(pos | M_pos) is a constant target for s_qp: the alignment
     term then moves the query's memory only, and cannot be met by making the positive's own
-    reconstruction worse. `decoder_bos_id`, `packed`: as in `CompressionObjective`."""
+    reconstruction worse. With `in_batch_negatives`, the other rows' positives are negatives too
+    (scored under M_query; their reference term is 0, as no stage-1 score of them is cached).
+    `decoder_bos_id`, `packed`: as in `CompressionObjective`. `diagnostics()` returns what the loss
+    saw since the last call (the loop logs it with each step)."""
 
     def __init__(self, decoder, tokenizer, settings, loss: AlignmentLoss, references, average,
-                 detach_self_score: bool = False, decoder_bos_id=None, packed: bool = True):
+                 detach_self_score: bool = False, decoder_bos_id=None, packed: bool = True,
+                 in_batch_negatives: bool = False):
         self.decoder, self.tokenizer, self.settings = decoder, tokenizer, settings
         self.loss, self.references, self.average = loss, references, average
-        self.detach_self_score = detach_self_score
+        self.detach_self_score, self.in_batch_negatives = detach_self_score, in_batch_negatives
         self.decoder_bos_id, self.packed = decoder_bos_id, packed
+        self._seen = []
 
     def count(self, rows) -> int:
         return len(rows)
 
     def __call__(self, model, rows, device):
-        batch = alignment_batch(self.tokenizer, [self.references.rows[i] for i in rows], self.settings)
+        batch = alignment_batch(self.tokenizer, [self.references.rows[i] for i in rows], self.settings,
+                                in_batch_negatives=self.in_batch_negatives)
         n_negatives = batch.pop("n_negatives")
         batch = {k: v.to(device) for k, v in batch.items()}
         memory = memory_for_decoder(self.decoder, model(batch["input_ids"], batch["attention_mask"]),
@@ -83,7 +94,37 @@ class AlignmentObjective:
         if self.detach_self_score:
             s_pp = s_pp.detach()
         ref_pos, ref_neg = self.references.of(rows, device)
+        if self.in_batch_negatives:
+            # ref_pos - ref_neg = 0 for the in-batch negatives: a margin without a reference term.
+            extra = s_qn.shape[1] - ref_neg.shape[1]
+            ref_neg = torch.cat([ref_neg, ref_pos[:, None].expand(-1, extra)], dim=1)
+        self._seen.append(self._terms(s_qp, s_pp, s_qn, ref_pos, ref_neg))
         return self.loss(s_qp, s_pp, s_qn, ref_pos, ref_neg) * len(rows), len(rows)
+
+    @torch.no_grad()
+    def _terms(self, s_qp, s_pp, s_qn, ref_pos, ref_neg) -> dict:
+        beta = self.loss.beta
+        margin = (s_qp[:, None] - s_qn) + self.loss.reference_sign * (ref_pos[:, None] - ref_neg)
+        gap = (s_qp - s_pp).abs()
+        return {"margin": margin.flatten(), "gap": gap,
+                "s1_saturated": (beta * gap > SATURATED).float(),
+                "s2_saturated": ((beta * margin).abs() > SATURATED).float().flatten(),
+                "pos_over_neg": (s_qp[:, None] > s_qn).float().flatten()}
+
+    def diagnostics(self) -> dict:
+        """Since the last call, over every micro-batch of this rank: the margin's mean and spread,
+        the mean |s_qp - s_pp|, the fractions of s1 = sigmoid(beta |s_qp - s_pp|) and of
+        s2 = sigmoid(beta margin) terms that are saturated, and the fraction of negatives scored
+        below the positive under M_query."""
+        if not self._seen:
+            return {}
+        seen = {key: torch.cat([terms[key] for terms in self._seen]) for key in self._seen[0]}
+        self._seen = []
+        margin = seen.pop("margin")
+        return {"margin_mean": float(margin.mean()),
+                "margin_std": float(margin.std()) if margin.numel() > 1 else 0.0,
+                "self_gap_mean": float(seen.pop("gap").mean()),
+                **{key: float(value.mean()) for key, value in seen.items()}}
 
 
 class ContrastiveObjective:
