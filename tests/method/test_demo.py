@@ -4,7 +4,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from autoregembed_fast.method import demo
+from autoregembed_fast.method import demo, evaluate
 from autoregembed_fast.method.data import ALIGNMENT_FIELDS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,8 +61,15 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
     assert set(results["models"]) == {"untrained last-token prompt", "autoregembed stage 1",
                                       "autoregembed stage 1 + 2", "contrastive (InfoNCE)"}
     for metrics in results["models"].values():
-        assert 0 <= metrics["triplet_accuracy"] <= 1 and metrics["triplets"] == 10
-        assert metrics["sts_b_spearman_pairs"] == 30
+        assert metrics["triplets"] == 10 and metrics["sts_b_spearman_pairs"] == 30
+    # Each trained model's row is that model on the held-out split (not another model, not the
+    # training rows).
+    for name, directory in (("autoregembed stage 1", "stage1"), ("autoregembed stage 1 + 2", "stage2"),
+                            ("contrastive (InfoNCE)", "contrastive")):
+        alone = evaluate.main(["--encoder", str(out / directory / "model"), "--triplets",
+                               str(out / "heldout.jsonl"), "--sts-b", str(sts)])
+        for metric in ("triplet_accuracy", "sts_b_spearman"):
+            assert results["models"][name][metric] == alone[metric]
     for nll in results["reconstruction_nll"].values():
         assert nll["texts"] == 30 and nll["own_ci95"][0] <= nll["own"] <= nll["own_ci95"][1]
     from autoregembed_fast.method.model import AutoRegEmbed

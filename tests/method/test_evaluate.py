@@ -8,7 +8,7 @@ import pytest
 
 from autoregembed_fast.method.data import DataError, read_sts_b
 from autoregembed_fast.method.evaluate import (
-    average_ranks, bootstrap_interval, main, spearman, triplet_correct,
+    average_ranks, bootstrap_interval, build_embedder, main, spearman, triplet_correct,
 )
 from tiny_models import save_tiny_base, stage2_rows, write_jsonl
 
@@ -86,10 +86,18 @@ def test_cli_on_a_tiny_model(tmp_path):
         assert results["triplets"] == 10 and results["spearman_pairs"] == 8
         # The same pairs read from JSONL and from the STS-B CSV give the same correlation.
         assert results["sts_b_spearman"] == results["spearman"]
+        # The accuracy is the share of rows whose query is closer to its positive than to its
+        # negative, from the embedder's vectors; the intervals hold the point estimates.
+        torch.manual_seed(0)
+        embed = build_embedder(str(base), pooling, 5, 32)
+        rows = stage2_rows(10)
+        query, positive, negative = (embed([row[key] for row in rows]) for key in ("query", "pos", "neg"))
+        expected = ((query * positive).sum(1) > (query * negative).sum(1)).double().mean().item()
+        assert results["triplet_accuracy"] == pytest.approx(expected, abs=1e-12)
         low, high = results["triplet_accuracy_ci95"]
-        assert 0.0 <= low <= results["triplet_accuracy"] <= high <= 1.0
+        assert low <= results["triplet_accuracy"] <= high
         low, high = results["spearman_ci95"]
-        assert -100.0 <= low <= high <= 100.0
+        assert low <= results["spearman"] <= high
 
 
 def test_embeddings_do_not_depend_on_batching(tmp_path):

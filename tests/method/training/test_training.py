@@ -67,6 +67,12 @@ def test_compress_writes_model_log_and_curve(workspace):
     assert torch.allclose(embeddings.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
+def trained_weights(directory) -> torch.Tensor:
+    """Every parameter of the model a run saved, flattened into one fp32 vector."""
+    model = AutoRegEmbed.from_pretrained(Path(directory) / "model")
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
+
+
 def compress_args(workspace, output, *extra):
     return ["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
             "--output", str(output), "--batch-size", "2", "--grad-accum", "2", "--steps", "6",
@@ -286,11 +292,18 @@ def test_bf16_autocast_and_gradient_checkpointing_follow_the_fp32_run(workspace,
     train.main(compress_args(workspace, tmp_path / "bf16", "--bf16", "--gradient-checkpointing",
                              "--save-every", "0"))
     train.main(compress_args(workspace, tmp_path / "bf16-plain", "--bf16", "--save-every", "0"))
+    train.main(compress_args(workspace, tmp_path / "start", "--lr", "0", "--save-every", "0"))
     reference, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
     assert len(bf16) == 6
     # bf16 operands round at 2^-8: the trajectory stays within a few % of the fp32 one.
     assert bf16 == pytest.approx(reference, rel=5e-2)
-    assert reference != pytest.approx(reference[0], rel=1e-2)  # the run moved
+    # And the bf16 run trains: its weights moved as the fp32 run's did (a run that does not train
+    # stays at the start, as far from the fp32 weights as the whole fp32 update).
+    start, fp32_weights, bf16_weights = (trained_weights(tmp_path / name)
+                                          for name in ("start", "fp32", "bf16"))
+    update = (fp32_weights - start).norm()
+    assert update > 0
+    assert (bf16_weights - fp32_weights).norm() < 0.25 * update
     # Checkpointing recomputes the same bf16 forward: the same losses.
     assert bf16 == pytest.approx(losses(tmp_path / "bf16-plain"), rel=1e-5)
 
