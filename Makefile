@@ -41,8 +41,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/python -m autoregembed_fast.demo --output demo-output
 
 # The same pipeline with the released method's stage 1 (the last hidden states as memory), which
-# compresses at 135M after ~500 steps: 2,000 steps x 8 at lr 1e-4 (README "Making stage 1
-# compress"): hours on 2 cores.
+# compresses at 135M after ~500 steps: 2,000 steps x 8 at lr 1e-4 (docs/stage1-compression.md):
+# hours on 2 cores.
 demo-long: $(VENV)/.demo-installed
 	$(BIN)/python -m autoregembed_fast.demo --output demo-long-output --stage1-steps 2000 \
 		--stage1-lr 1e-4 --stage1-warmup 0.05 --stage1-memory-norm none --stage1-memory-layer last

@@ -12,17 +12,19 @@ inputs (ignored tokens already removed):
   recompute backward used when the head is trainable.
 - ``summed_grads(hidden, weight, bias, targets, softcap, need_hidden, need_head)`` -> ``(logp,
   grad_hidden | None, grad_weight | None, grad_bias | None)``: the gradients of ``sum(logp)``, formed
-  in the forward sweep where the backend can (CPU and the `triton` backend's chunked route: 3
+  in the forward sweep where the backend can (CPU and `chunked-triton`'s chunked route: 3
   GEMM-equivalents, no recompute; the others recompute with a unit upstream gradient).
 
 Inputs reach the backends as the views the user passed (transposed, sliced, offset storage: any
 strides); each backend reads them through their strides or copies what is cheap to copy:
 - Triton kernels take every stride of hidden, weight, bias and targets: no copy.
-- The chunked route (``triton`` Jacobian, ``cuda``) hands hidden and weight to cuBLAS as views and
-  copies a strided targets vector (N int64s).
-- The CPU backend reads hidden through its strides and makes weight and bias contiguous in the
-  accumulation dtype (a V x d copy when the weight is not already contiguous fp32 / fp64; it is
-  also the upcast of 16-bit weights, so it costs one pass over W per call, next to 1-3 GEMMs).
+- The chunked route (``chunked-triton``'s Jacobian and scalar losses, ``chunked-cuda``) hands hidden
+  and weight to cuBLAS as views and copies a strided targets vector (N int64s).
+- The CPU backend reads hidden through its strides. For fp32 / fp64 GEMMs it makes weight and bias
+  contiguous in the accumulation dtype (a V x d copy when the weight is not already contiguous
+  fp32 / fp64, which is also the upcast of 16-bit weights on CPUs without AVX512-BF16); on CPUs with
+  AVX512-BF16, bf16 weights are instead packed once per call for the package's bf16 GEMM (fp32
+  products and sums). Either way one pass over W per call, next to 1-3 GEMMs.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # (Triton or CUDA), "fused-triton" = streaming Triton kernels only, no logits buffer.
 BACKENDS = ("auto", "reference", "cpu", "chunked-triton", "fused-triton", "chunked-cuda")
 # The names of the first releases (by technology), still accepted.
-BACKEND_ALIASES = {"triton": "chunked-triton", "triton-fused": "fused-triton", "cuda": "chunked-cuda"}
 
 
 # The op is registered with torch.library so that torch.compile traces through it (fullgraph, dynamic
@@ -288,7 +289,7 @@ class _Validated(NamedTuple):
     bias: torch.Tensor | None  # [V]
     targets: torch.Tensor  # [N] int64
     softcap: float | None
-    backend: str  # the current name of the backend asked for (an old name resolved)
+    backend: str
 
 
 def _compute_dtype(hidden, weight, bias) -> torch.dtype:
@@ -312,16 +313,14 @@ def _compute_dtype(hidden, weight, bias) -> torch.dtype:
 def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> _Validated:
     """Checks what does not depend on tensor values (types, shapes, dtypes, devices, settings), so it
     runs the same under torch.compile; the target range and finiteness are checked inside the op.
-    Returns flat inputs cast to the compute dtype (differentiably) and the backend's current name
-    (an old name resolved here, once)."""
+    Returns flat inputs cast to the compute dtype (differentiably) and the backend's name."""
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if backend not in BACKENDS and backend not in BACKEND_ALIASES:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} (or an old name: "
-                         f"{', '.join(BACKEND_ALIASES)})")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, d], got {tuple(weight.shape)}")
     vocab_size, dim = weight.shape
@@ -344,8 +343,7 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
     for name, value in (("weight", weight), ("targets", targets), ("bias", bias)):
         if value is not None and value.device != hidden.device:
             raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
-    canonical = BACKEND_ALIASES.get(backend, backend)
-    _check_backend_device(canonical, hidden.device, asked=backend)
+    _check_backend_device(backend, hidden.device)
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be a positive number or None, got {softcap!r}")
@@ -357,18 +355,17 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, backend) -> 
     dtype = _compute_dtype(hidden, weight, bias)
     return _Validated(hidden.reshape(-1, dim).to(dtype), weight.to(dtype),
                       None if bias is None else bias.to(dtype), targets.reshape(-1).to(torch.int64),
-                      softcap, canonical)
+                      softcap, backend)
 
 
-def _check_backend_device(backend: str, device: torch.device, asked: str) -> None:
-    """`backend`: the current name; `asked`: the name the caller used (for the message)."""
+def _check_backend_device(backend: str, device: torch.device) -> None:
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
     # The Triton interpreter (TRITON_INTERPRET=1) runs the Triton kernels on CPU tensors.
     if backend.endswith("triton") and device.type != "cuda" and not INTERPRETING:
-        raise ValueError(f"backend={asked!r} needs CUDA tensors, got tensors on {device}")
+        raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
     if backend == "chunked-cuda" and device.type != "cuda":
-        raise ValueError(f"backend={asked!r} needs CUDA tensors, got tensors on {device}")
+        raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
 
 
 def _pick_backend(backend: str, device: torch.device, dtype: torch.dtype):
@@ -445,8 +442,7 @@ def token_logprobs(
             ``"fused-triton"`` (Triton kernels only: the Jacobian by a second fused kernel, no
             logits buffer at all), ``"chunked-cuda"`` (cuBLAS GEMM chunks around a CUDA epilogue
             kernel) or ``"reference"`` (the materialised eager computation; the test oracle's twin
-            and the benchmarks' baseline). The old names ``"triton"``, ``"triton-fused"`` and
-            ``"cuda"`` are accepted for the three GPU backends. The GPU backends take float16,
+            and the benchmarks' baseline). The GPU backends take float16,
             bfloat16 and float32 inputs.
 
     Dtypes: outside autocast the op computes in the type promotion of hidden, weight and bias (a

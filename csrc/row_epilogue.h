@@ -1,8 +1,8 @@
 // Per-row epilogue of the chunked log-likelihood op: softcap, log-sum-exp and the gradient
 // coefficients of log p[target] with respect to the raw logits, each a streaming pass over one row of
 // V logits held in a block buffer. Plain C++ with no torch types, so the same math can be reused by any
-// driver; the float versions are written so that gcc vectorises them (see token_logprobs_cpu.cpp for
-// the flags this relies on).
+// driver; the float versions are written so that gcc vectorises them: they rely on setup.py's
+// -fno-trapping-math -fno-math-errno and on the target_clones of token_logprobs_cpu.cpp.
 #pragma once
 
 #include <cmath>

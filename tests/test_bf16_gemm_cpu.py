@@ -21,7 +21,7 @@ def fp32_accumulation_bound(a, b):
 
 
 # (M, K, N): one element; K odd (a zero column is appended); N and M past the 64-column and 6-row
-# register tiles and the 96-row tasks; K past one 256-value cache block; a left operand past 8 MiB
+# register tiles and the row tasks (up to 192 rows); K past one 256-value cache block; a left operand past 8 MiB
 # (tasks then walk every column group per cache block, as for the Jacobian, K = V), with rows for
 # every thread and with two register tiles (one partial).
 SHAPES = [(1, 1, 1), (7, 13, 251), (37, 600, 1003), (5, 601, 70), (197, 576, 193), (13, 2101, 70),

@@ -128,7 +128,7 @@ def parse_args(argv=None):
     # of 30 gave the best embeddings (STS-B dev 65.4 / 67.5 / 59.3 on seeds 0-2, layer 20 54.1 / 58.6
     # / 51.1, layers 10 and 25 43.9 and 50.3 on seed 0; untrained memory ~29), with the released
     # [memory ; text]: a bos before the memory compressed further but embedded 6-9 points worse on
-    # each seed (README "Making stage 1 compress").
+    # each seed (docs/stage1-compression.md).
     parser.add_argument("--stage1-steps", type=int, default=250)
     parser.add_argument("--stage1-lr", type=float, default=1e-4)
     parser.add_argument("--stage1-warmup", type=float, default=0.05)
@@ -146,7 +146,7 @@ def parse_args(argv=None):
                         help="learning rate of the compress-token embeddings (default: --stage1-lr)")
     parser.add_argument("--stage2-steps", type=int, default=60)
     # From the compressing stage 1, 5e-5 gains ~5 STS-B points on average over 3 seeds but spreads 15,
-    # and 1e-4 collapsed 1 of 2 seeds (README "Seeds"); the released 5e-6 is stable across seeds.
+    # and 1e-4 collapsed 1 of 2 seeds (docs/stage1-compression.md "Seeds"); the released 5e-6 is stable across seeds.
     parser.add_argument("--stage2-lr", type=float, default=5e-6)
     parser.add_argument("--stage2-grad-accum", type=int, default=1)
     parser.add_argument("--contrastive-lr", type=float, default=2e-5)
