@@ -8,8 +8,8 @@ Times are medians after warm-up (`triton.testing.do_bench` on a GPU, perf_counte
 GEMMs of the same shape are timed in the same run as "gemm-floor" (1 GEMM for no-grad, 2 for a frozen
 head's forward + backward, 3 with a trainable head, per-token or as a scalar mean cross-entropy
 loss), and each row reports the fraction of that rate
-it reaches. Errors are against the float64 oracle of tests/oracle.py on the first tokens, so that a
-fast but wrong entry shows. An implementation that cannot run here is listed as skipped, with why.
+it reaches. Errors are against the float64 oracle of tests/oracle.py (imported as `tests.oracle`)
+on the first tokens, so that a fast but wrong entry shows. An implementation that cannot run here is listed as skipped, with why.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.memory import PeakRss
+from tests.oracle import oracle_grads, token_logprobs_oracle
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -277,9 +278,6 @@ def run_once(impl, problem: Problem, mode: str):
 def oracle_error(problem: Problem, mode: str, out, grad_hidden) -> float:
     """Max abs error against the float64 oracle: of the first tokens' log-probs and grad_hidden, or
     (trainable-loss) of the mean loss over every token and the first tokens' grad_hidden."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from oracle import oracle_grads, token_logprobs_oracle
-
     k = ORACLE_TOKENS
     hidden, targets = problem.hidden[:k].detach(), problem.targets[:k]
     weight = problem.weight.detach()

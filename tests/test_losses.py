@@ -13,7 +13,7 @@ from autoregembed_fast import (
     sequence_logprobs,
     token_logprobs,
 )
-from test_ops import BACKENDS, backend_device
+from backends_under_test import BACKENDS, backend_device
 from tiny_models import tiny_llama
 
 IGNORE = -100

@@ -8,29 +8,9 @@ import torch
 import autoregembed_fast
 from autoregembed_fast import backends, ops, token_logprobs
 from autoregembed_fast.kernels import INTERPRETING
+from backends_under_test import BACKENDS, backend_device
 from oracle import oracle_grads, rounding_bounds, token_logprobs_oracle
 
-
-
-def backend_device(backend: str) -> str:
-    """Where a backend's inputs live in these tests: the Triton backends run on CPU tensors under the
-    interpreter (TRITON_INTERPRET=1, the default of conftest.py) and on CUDA tensors otherwise."""
-    if backend in ("reference", "cpu") or (backend.endswith("triton") and INTERPRETING):
-        return "cpu"
-    return "cuda"
-
-
-def backend_runs_here(backend: str) -> bool:
-    if backend_device(backend) == "cpu":
-        return True
-    if not torch.cuda.is_available():
-        return False
-    return backend != "chunked-cuda" or backends.cuda_extension_available()
-
-
-# On a GPU machine, `TRITON_INTERPRET=0 pytest` runs the compiled Triton kernels and the CUDA backend.
-BACKENDS = [b for b in ("reference", "cpu", "chunked-triton", "fused-triton", "chunked-cuda")
-            if backend_runs_here(b)]
 FLOAT64_BACKENDS = ["reference", "cpu"]
 IGNORE = -100
 
