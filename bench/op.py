@@ -7,9 +7,9 @@ above the allocation before the call.
 Times are medians after warm-up (`triton.testing.do_bench` on a GPU, perf_counter on CPU). The plain
 GEMMs of the same shape are timed in the same run as "gemm-floor" (1 GEMM for no-grad, 2 for a frozen
 head's forward + backward, 3 with a trainable head, per-token or as a scalar mean cross-entropy
-loss), and each row reports the fraction of that rate
-it reaches. Errors are against the float64 oracle of tests/oracle.py (imported as `tests.oracle`)
-on the first tokens, so that a fast but wrong entry shows. An implementation that cannot run here is listed as skipped, with why.
+loss), and each row reports the fraction of that rate it reaches. Errors are against the float64
+oracle of tests/oracle.py (imported as `tests.oracle`) on the first tokens, so that a fast but wrong
+entry shows. An implementation that cannot run here is listed as skipped, with why.
 """
 
 from __future__ import annotations
