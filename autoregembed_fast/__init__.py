@@ -35,7 +35,7 @@ from autoregembed_fast.ops import BACKENDS, token_logprobs
 
 # The method's public names, imported on first access so that the op package stays apart from it.
 METHOD_NAMES = {
-    "score_targets": "autoregembed_fast.method.model",
+    "score_targets": "autoregembed_fast.method.scoring",
     "AlignmentLoss": "autoregembed_fast.method.losses",
     "CompressionLoss": "autoregembed_fast.method.losses",
     "alignment_loss": "autoregembed_fast.method.losses",

@@ -27,7 +27,7 @@ TILES = ((128, 128), (64, 64), (128, 256))  # (tokens, vocabulary entries) per t
 def hidden_states(n_sentences: int):
     """(last hidden states [N, d] of every scored token, head weight [V, d]) of SmolLM2."""
     from autoregembed_fast.method.data import ALIGNMENT_FIELDS, read_jsonl
-    from autoregembed_fast.method.model import load_causal_lm
+    from autoregembed_fast.method.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm("smollm2")
     rows = read_jsonl(DATA, ALIGNMENT_FIELDS)

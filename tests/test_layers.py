@@ -24,9 +24,9 @@ def test_the_op_package_imports_nothing_of_the_method():
 
 def test_the_methods_public_names_load_it_on_first_use():
     loaded = modules_after("from autoregembed_fast import score_targets, AlignmentLoss, CompressionLoss")
-    assert "autoregembed_fast.method.model" in loaded and "autoregembed_fast.method.losses" in loaded
+    assert "autoregembed_fast.method.scoring" in loaded and "autoregembed_fast.method.losses" in loaded
     import autoregembed_fast
-    from autoregembed_fast.method.model import score_targets
+    from autoregembed_fast.method.scoring import score_targets
 
     assert autoregembed_fast.score_targets is score_targets
     try:

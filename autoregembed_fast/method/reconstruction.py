@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from autoregembed_fast.method.data import Tokenization, compression_batch
-from autoregembed_fast.method.model import AutoRegEmbed, memory_for_decoder, score_targets
+from autoregembed_fast.method.model import AutoRegEmbed
+from autoregembed_fast.method.scoring import memory_for_decoder, score_targets
 
 SOURCES = ("own", "other", "none")
 

@@ -24,14 +24,12 @@ import torch
 from sentence_transformers.base.modules import InputModule
 
 from autoregembed_fast.method.data import EVAL_PROMPT, prompted_batch
-from autoregembed_fast.method.evaluate import causal_lm_of, last_token_embeddings
-from autoregembed_fast.method.model import (
-    CONFIG_FILE,
+from autoregembed_fast.method.embedders import causal_lm_of, last_token_embeddings
+from autoregembed_fast.method.loading import load_causal_lm, load_encoder
+from autoregembed_fast.method.model import CONFIG_FILE, AutoRegEmbed
+from autoregembed_fast.method.sentence_transformers_files import (
     DOCUMENT_PROMPT,
     SENTENCE_TRANSFORMERS_MODULE_FILE,
-    AutoRegEmbed,
-    load_causal_lm,
-    load_encoder,
     write_sentence_transformers_config,
 )
 

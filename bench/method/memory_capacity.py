@@ -33,13 +33,9 @@ from autoregembed_fast.method.data import (
     compression_rows,
     read_jsonl,
 )
-from autoregembed_fast.method.model import (
-    AutoRegEmbed,
-    frozen_decoder,
-    load_causal_lm,
-    memory_for_decoder,
-    score_targets,
-)
+from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm
+from autoregembed_fast.method.model import AutoRegEmbed
+from autoregembed_fast.method.scoring import memory_for_decoder, score_targets
 from autoregembed_fast.method.reconstruction import per_text_nll, reconstruction_nlls, summarise
 
 ROOT = Path(__file__).resolve().parents[2]

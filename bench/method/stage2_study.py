@@ -36,7 +36,7 @@ from autoregembed_fast.method.data import (
     sts_b_path,
 )
 from autoregembed_fast.method.losses import AlignmentLoss
-from autoregembed_fast.method.model import frozen_decoder, load_causal_lm, load_encoder
+from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm, load_encoder
 from autoregembed_fast.method.training import commands as train
 from autoregembed_fast.method.training.objectives import AlignmentObjective
 from autoregembed_fast.method.training.references import References

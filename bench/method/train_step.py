@@ -89,7 +89,8 @@ STYLES = {"released": released_scores, "ours": our_scores}
 def worker(style: str, steps: int) -> dict:
     from autoregembed_fast import AlignmentLoss
     from autoregembed_fast.method.data import ALIGNMENT_FIELDS, Tokenization, read_jsonl
-    from autoregembed_fast.method.model import AutoRegEmbed, frozen_decoder, load_causal_lm
+    from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm
+    from autoregembed_fast.method.model import AutoRegEmbed
 
     rows = read_jsonl(DATA, ALIGNMENT_FIELDS)[:BATCH]
     base, tokenizer = load_causal_lm("smollm2")

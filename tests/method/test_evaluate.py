@@ -7,8 +7,13 @@ import math
 import pytest
 
 from autoregembed_fast.method.data import DataError, read_sts_b
+from autoregembed_fast.method.embedders import build_embedder
 from autoregembed_fast.method.evaluate import (
-    average_ranks, bootstrap_interval, build_embedder, main, spearman, triplet_correct,
+    average_ranks,
+    bootstrap_interval,
+    main,
+    spearman,
+    triplet_correct,
 )
 from tiny_models import save_tiny_base, stage2_rows, write_jsonl
 
@@ -102,7 +107,7 @@ def test_cli_on_a_tiny_model(tmp_path):
 
 def test_embeddings_do_not_depend_on_batching(tmp_path):
     """Texts are batched by length; each text's embedding is the one it gets alone."""
-    from autoregembed_fast.method.evaluate import build_embedder
+    from autoregembed_fast.method.embedders import build_embedder
 
     base = save_tiny_base(tmp_path / "base")
     texts = [row["query"] + " x" * i for i, row in enumerate(stage2_rows(7))]

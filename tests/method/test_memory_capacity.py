@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.method import memory_capacity
-from autoregembed_fast.method.model import load_causal_lm, load_encoder
+from autoregembed_fast.method.loading import load_causal_lm, load_encoder
 from autoregembed_fast.method.data import Tokenization, compression_batch
 from tiny_models import save_tiny_base, stage1_rows, write_jsonl
 

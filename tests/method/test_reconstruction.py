@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from autoregembed_fast.method.data import Tokenization, compression_batch
-from autoregembed_fast.method.model import load_causal_lm, load_encoder
+from autoregembed_fast.method.loading import load_causal_lm, load_encoder
 from autoregembed_fast.method.reconstruction import per_text_nll, reconstruction_nlls, summarise
 from tiny_models import save_tiny_base, stage1_rows
 

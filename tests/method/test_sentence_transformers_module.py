@@ -9,10 +9,10 @@ pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from autoregembed_fast.method.data import DataError, EVAL_PROMPT  # noqa: E402
-from autoregembed_fast.method.evaluate import last_token_embedder  # noqa: E402
-from autoregembed_fast.method.model import (  # noqa: E402
-    DOCUMENT_PROMPT, AutoRegEmbed, load_causal_lm,
-)
+from autoregembed_fast.method.embedders import last_token_embedder  # noqa: E402
+from autoregembed_fast.method.loading import load_causal_lm  # noqa: E402
+from autoregembed_fast.method.model import AutoRegEmbed  # noqa: E402
+from autoregembed_fast.method.sentence_transformers_files import DOCUMENT_PROMPT  # noqa: E402
 from autoregembed_fast.method.sentence_transformers_module import (  # noqa: E402
     AutoRegEmbedModule, sentence_transformer,
 )
@@ -93,7 +93,7 @@ def test_the_last_token_baseline_saves_and_loads_the_same_way(tmp_path):
 
 @pytest.mark.parametrize("pooling", ["memory", "last-token"])
 def test_the_evaluate_builder_embeds_as_the_evaluate_embedder(saved, pooling):
-    from autoregembed_fast.method.evaluate import build_embedder
+    from autoregembed_fast.method.embedders import build_embedder
 
     expected = build_embedder(str(saved), pooling, 3, batch_size=4)(TEXTS)
     got = sentence_transformer(str(saved), pooling).encode(TEXTS, convert_to_tensor=True)

@@ -43,15 +43,15 @@ from autoregembed_fast.method.data import (
 from autoregembed_fast.method.losses import AlignmentLoss
 from autoregembed_fast.method.training.loop import run_training
 from autoregembed_fast.method.lora import add_lora
-from autoregembed_fast.method.model import (
-    AutoRegEmbed,
+from autoregembed_fast.method.loading import (
     embedding_norm,
     enable_gradient_checkpointing,
     frozen_decoder,
     load_causal_lm,
     load_encoder,
-    memory_for_decoder,
 )
+from autoregembed_fast.method.model import AutoRegEmbed
+from autoregembed_fast.method.scoring import memory_for_decoder
 from autoregembed_fast.method.training.objectives import (
     AlignmentObjective,
     CompressionObjective,

@@ -20,7 +20,11 @@ from autoregembed_fast.method.data import (
 )
 from autoregembed_fast.huggingface import lm_head_of
 from autoregembed_fast.method.losses import AlignmentLoss, CompressionLoss
-from autoregembed_fast.method.model import decoder_scoring_inputs, memory_for_decoder, score_targets
+from autoregembed_fast.method.scoring import (
+    decoder_scoring_inputs,
+    memory_for_decoder,
+    score_targets,
+)
 
 
 class CompressionObjective:

