@@ -57,6 +57,15 @@ def block_rows_for_budget(vocab_size: int, bytes_per_logit: int, budget_bytes: i
 CPU_BF16_GEMM_ENV = "AUTOREGEMBED_CPU_BF16_GEMM"
 
 
+def cpu_native_bf16() -> list[str]:
+    """The CPU's native bf16 matrix instructions, by their lscpu flag names ("amx_bf16",
+    "avx512_bf16"); empty where bf16 GEMMs would be emulated (AVX2-only CPUs: ~160x slower than
+    fp32), so bf16 autocast of a whole model is only worth it where this is not empty."""
+    extension = CpuBackend.extension()
+    return [name for name, present in (("amx_bf16", extension.cpu_has_amx_bf16()),
+                                       ("avx512_bf16", extension.cpu_has_avx512_bf16())) if present]
+
+
 @functools.cache
 def cpu_bf16_gemm() -> bool:
     """Whether the CPU backend runs bf16 inputs' GEMMs in bf16 (decided once per process)."""

@@ -34,10 +34,26 @@ constexpr int64_t LEFT_IN_CACHE_BYTES = 8 * 1024 * 1024;
 
 }  // namespace
 
+// The CPU's features cannot change while the process runs: each is read once.
 bool cpu_has_avx512_bf16() {
 #ifdef AEF_HAVE_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f");
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_amx_bf16() {
+#ifdef AEF_HAVE_X86
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("amx-bf16");
+  }();
+  return has;
 #else
   return false;
 #endif

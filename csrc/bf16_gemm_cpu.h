@@ -9,6 +9,8 @@ namespace autoregembed_fast {
 
 // True when this CPU executes AVX512-BF16 dot products; bf16_gemm must not run elsewhere.
 bool cpu_has_avx512_bf16();
+// Intel AMX with bf16 tiles (Sapphire Rapids and later): torch's own bf16 GEMMs run at bf16 speed there.
+bool cpu_has_amx_bf16();
 
 // b [K, N] bf16 (any 2-D strides) packed for bf16_gemm's right operand: [P, ceil(K/2), 16, 2] with P a
 // multiple of the kernel's panel group, b[2k + t][16p + j] at [p][k][j][t] and zeros beyond K and N.

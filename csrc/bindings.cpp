@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("softcap"), pybind11::arg("need_hidden"), pybind11::arg("need_weight"),
         pybind11::arg("need_bias"), pybind11::arg("block_rows"), pybind11::arg("bf16_gemm"));
   m.def("cpu_has_avx512_bf16", &autoregembed_fast::cpu_has_avx512_bf16);
+  m.def("cpu_has_amx_bf16", &autoregembed_fast::cpu_has_amx_bf16);
   m.def("bf16_matmul_cpu", &autoregembed_fast::bf16_matmul_cpu, pybind11::arg("a"), pybind11::arg("b"));
 #ifdef AEF_WITH_CUDA
   m.def("online_softmax_chunk_cuda", &autoregembed_fast::online_softmax_chunk_cuda,

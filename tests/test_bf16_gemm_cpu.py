@@ -2,6 +2,7 @@
 inputs, alone and inside the op (forced on and off through AUTOREGEMBED_CPU_BF16_GEMM)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,13 @@ def test_insisting_on_bf16_gemms_without_avx512_bf16_is_an_error(bf16_gemm_setti
     bf16_gemm_setting("1")
     with pytest.raises(RuntimeError, match="no AVX512-BF16"):
         backends.cpu_bf16_gemm()
+
+
+def test_native_bf16_detection_agrees_with_the_kernels_cpu_flags():
+    """The extension's one CPU detector against what Linux reports (/proc/cpuinfo's flags)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    flags = set(line.partition(":")[2].split())
+    assert backends.cpu_native_bf16() == [f for f in ("amx_bf16", "avx512_bf16") if f in flags]

@@ -26,7 +26,7 @@ import torch
 from autoregembed_fast.method import evaluate
 from autoregembed_fast.method.training import commands as train
 from autoregembed_fast.method.data import ALIGNMENT_FIELDS, compression_rows, read_jsonl
-from autoregembed_fast.hardware import native_bf16_flags
+from autoregembed_fast.backends import cpu_native_bf16
 from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm, load_encoder
 from autoregembed_fast.method.reconstruction import reconstruction_nlls
 
@@ -53,7 +53,7 @@ def evaluation(encoder: str, pooling: str, heldout: Path, sts_b: str) -> dict:
 
 def use_bf16(setting: str) -> dict:
     """Whether the trainings run under bf16 autocast, and why (printed and kept in results.json)."""
-    flags = native_bf16_flags()
+    flags = cpu_native_bf16()
     if setting != "auto":
         choice = {"on": setting == "on", "why": f"--bf16 {setting}"}
     elif torch.cuda.is_available():

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from autoregembed_fast.hardware import native_bf16_flags
+from autoregembed_fast.backends import cpu_native_bf16
 from autoregembed_fast.method import evaluate
 from autoregembed_fast.method.data import (
     ALIGNMENT_FIELDS,
@@ -149,7 +149,7 @@ def run(args) -> None:
     command = ["align", "--encoder", study["stage1"], "--decoder", study["base"], "--data", study["data"],
                "--reference-scores", references, "--reference-model", study["stage1"],
                "--output", str(output), "--seed", str(args.seed), "--batch-size", "8",
-               *(["--bf16"] if native_bf16_flags() else []), *extra]
+               *(["--bf16"] if cpu_native_bf16() else []), *extra]
     started = time.perf_counter()
     train.main(command)
     wall = time.perf_counter() - started

@@ -64,6 +64,19 @@ def sequence_scores(decoder, memory, batch, average: bool, packed: bool = True):
 SATURATED = 4.6
 
 
+@torch.no_grad()
+def alignment_terms(s_qp, s_pp, s_qn, ref_pos, ref_neg, beta: float, reference_sign: int) -> dict:
+    """What the alignment loss sees, per term (flat tensors): the margins (s_qp - s_qn) + sign (r+ -
+    r-), the gaps |s_qp - s_pp|, whether each sigmoid term is saturated (its argument beyond
+    +-SATURATED) and whether each negative scores below the positive under M_query."""
+    margin = (s_qp[:, None] - s_qn) + reference_sign * (ref_pos[:, None] - ref_neg)
+    gap = (s_qp - s_pp).abs()
+    return {"margin": margin.flatten(), "gap": gap,
+            "s1_saturated": (beta * gap > SATURATED).float(),
+            "s2_saturated": ((beta * margin).abs() > SATURATED).float().flatten(),
+            "pos_over_neg": (s_qp[:, None] > s_qn).float().flatten()}
+
+
 class AlignmentObjective:
     """Stage 2: one encoder pass over queries and positives, one decoder scoring pass over
     pos | M_query, pos | M_pos and every neg | M_query, the alignment loss against cached references.
@@ -102,18 +115,9 @@ class AlignmentObjective:
             # ref_pos - ref_neg = 0 for the in-batch negatives: a margin without a reference term.
             extra = s_qn.shape[1] - ref_neg.shape[1]
             ref_neg = torch.cat([ref_neg, ref_pos[:, None].expand(-1, extra)], dim=1)
-        self._seen.append(self._terms(s_qp, s_pp, s_qn, ref_pos, ref_neg))
+        self._seen.append(alignment_terms(s_qp, s_pp, s_qn, ref_pos, ref_neg, self.loss.beta,
+                                          self.loss.reference_sign))
         return self.loss(s_qp, s_pp, s_qn, ref_pos, ref_neg) * len(rows), len(rows)
-
-    @torch.no_grad()
-    def _terms(self, s_qp, s_pp, s_qn, ref_pos, ref_neg) -> dict:
-        beta = self.loss.beta
-        margin = (s_qp[:, None] - s_qn) + self.loss.reference_sign * (ref_pos[:, None] - ref_neg)
-        gap = (s_qp - s_pp).abs()
-        return {"margin": margin.flatten(), "gap": gap,
-                "s1_saturated": (beta * gap > SATURATED).float(),
-                "s2_saturated": ((beta * margin).abs() > SATURATED).float().flatten(),
-                "pos_over_neg": (s_qp[:, None] > s_qn).float().flatten()}
 
     def diagnostics(self) -> dict:
         """Since the last call, over every micro-batch of this rank: the margin's mean and spread,

@@ -5,7 +5,7 @@ import math
 import torch
 
 from autoregembed_fast.method.data import Tokenization
-from autoregembed_fast.method.training.objectives import ContrastiveObjective
+from autoregembed_fast.method.training.objectives import ContrastiveObjective, alignment_terms
 from tiny_models import stage2_rows, tiny_tokenizer
 
 # Memory [sequence, k = 2, d = 3] per encoded text, in the objective's order: the 3 queries, the 3
@@ -47,3 +47,19 @@ def test_contrastive_objective_is_infonce_over_positives_and_hard_negatives():
     loss, count = objective(FixedMemory(), [0, 1, 2], torch.device("cpu"))
     assert count == 3
     assert abs(loss.item() - hand_infonce(0.05)) < 1e-4 * hand_infonce(0.05)
+
+
+def test_alignment_terms_by_hand():
+    s_qp = torch.tensor([-10.0, -3.0])
+    s_pp = torch.tensor([-4.0, -2.5])
+    s_qn = torch.tensor([[-12.0, -9.0], [-80.0, -3.5]])
+    ref_pos, ref_neg = torch.tensor([-5.0, -4.0]), torch.tensor([[-6.0, -5.0], [-4.0, -4.0]])
+    terms = alignment_terms(s_qp, s_pp, s_qn, ref_pos, ref_neg, beta=1.0, reference_sign=1)
+    # margin = (s_qp - s_qn) + (r+ - r-): row 0: 2 + 1, -1 + 0; row 1: 77 + 0, 0.5 + 0.
+    assert terms["margin"].tolist() == [3.0, -1.0, 77.0, 0.5]
+    assert terms["gap"].tolist() == [6.0, 0.5]
+    assert terms["s1_saturated"].tolist() == [1.0, 0.0]  # beta * 6 > 4.6
+    assert terms["s2_saturated"].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert terms["pos_over_neg"].tolist() == [1.0, 0.0, 1.0, 1.0]
+    dpo = alignment_terms(s_qp, s_pp, s_qn, ref_pos, ref_neg, beta=1.0, reference_sign=-1)
+    assert dpo["margin"].tolist() == [1.0, -1.0, 77.0, 0.5]
