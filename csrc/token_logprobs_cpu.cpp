@@ -130,6 +130,9 @@ class HeadGemms {
       }
 #if defined(__x86_64__) && defined(__GNUC__)
       coefficients_row_to_bf16(z, vocab_, cap, target, lse, scale, out);
+#else
+      // The constructor refuses the bf16 route without AVX512-BF16, so this is never reached.
+      TORCH_CHECK(false, "token_logprobs_cpu: the bf16 GEMM route exists on x86 only");
 #endif
     }
   }
