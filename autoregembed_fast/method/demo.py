@@ -99,16 +99,6 @@ def plot_results(path: Path, results: dict) -> None:
     plt.close(figure)
 
 
-def memory_layer_setting(text: str) -> int | None:
-    """--stage1-memory-layer: a layer number, or "last" (None: the last hidden states)."""
-    if text == "last":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a layer number or "last", got {text!r}') from None
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m autoregembed_fast.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,15 +123,7 @@ def parse_args(argv=None):
     parser.add_argument("--stage1-lr", type=float, default=1e-4)
     parser.add_argument("--stage1-warmup", type=float, default=0.05)
     parser.add_argument("--stage1-lr-schedule", choices=("cosine", "constant"), default="cosine")
-    parser.add_argument("--stage1-memory-layer", type=memory_layer_setting, default=15,
-                        help='encoder layer whose output is the memory, or "last" (the released '
-                             "method: the last hidden states)")
-    parser.add_argument("--stage1-memory-norm", default="none",
-                        help='"none" (the released method), "embedding" or a number')
-    parser.add_argument("--stage1-bos-before-memory", action=argparse.BooleanOptionalAction,
-                        default=False,
-                        help="the decoder reads [bos ; memory ; text] (see train compress --help) "
-                             "instead of the released [memory ; text]")
+    train.add_memory_flags(parser, prefix="stage1-", defaults={"memory_layer": 15})
     parser.add_argument("--stage1-compress-token-lr", type=float,
                         help="learning rate of the compress-token embeddings (default: --stage1-lr)")
     parser.add_argument("--stage2-steps", type=int, default=60)
@@ -187,16 +169,14 @@ def main(argv=None) -> dict:
     results["reconstruction_nll"]["untrained"] = nlls_of(base, decoder, heldout_sentences)
 
     common = ["--batch-size", str(args.batch_size)] + (["--bf16"] if bf16["on"] else [])
-    levers = (["--bos-before-memory"] if args.stage1_bos_before_memory else []) + (
+    levers = train.memory_flags(args, prefix="stage1_") + (
         ["--compress-token-lr", str(args.stage1_compress_token_lr)]
-        if args.stage1_compress_token_lr else []) + (
-        ["--memory-layer", str(args.stage1_memory_layer)]
-        if args.stage1_memory_layer is not None else [])
+        if args.stage1_compress_token_lr else [])
     results["wall_s"]["stage1"] = timed(train.main, [
         "compress", "--model", base, "--data", str(stage1), "--output", str(out / "stage1"),
         "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr),
         "--warmup-ratio", str(args.stage1_warmup), "--lr-schedule", args.stage1_lr_schedule,
-        "--memory-norm", args.stage1_memory_norm, *levers, *common])
+        *levers, *common])
     encoder = str(out / "stage1" / "model")
     results["reconstruction_nll"]["stage 1"] = nlls_of(encoder, decoder, heldout_sentences)
     models["autoregembed stage 1"] = evaluation(encoder, "memory", heldout, args.sts_b)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoregembed_fast.method.model import CONFIG_FILE, AutoRegEmbed
+from autoregembed_fast.method.model import CONFIG_FILE, AutoRegEmbed, MemorySettings
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -77,4 +77,4 @@ def load_encoder(spec: str, k: int = 5) -> AutoRegEmbed:
     if Path(spec, CONFIG_FILE).is_file():
         return AutoRegEmbed.from_pretrained(spec)
     encoder, tokenizer = load_causal_lm(spec)
-    return AutoRegEmbed.from_base(encoder, tokenizer, k)
+    return AutoRegEmbed.from_base(encoder, tokenizer, MemorySettings(k=k))

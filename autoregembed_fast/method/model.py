@@ -4,6 +4,7 @@ tokens are a text's memory embeddings; saved and reloaded with its settings."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +20,32 @@ CONFIG_FILE = "autoregembed.json"
 PROJECTION_FILE = "memory_projection.pt"  # with memory_projection: its weight and bias
 
 
+@dataclass(frozen=True)
+class MemorySettings:
+    """How the encoder writes a text's memory and the decoder reads it: settings of a trained model,
+    saved with it (`CONFIG_FILE`) and read back by stage 2, the reference scores and the evaluation.
+    The defaults are the released method. `train compress` makes one flag per field (`help`)."""
+
+    k: int = field(default=5, metadata={"help": "compress tokens: the memory's length"})
+    memory_layer: int | None = field(default=None, metadata={
+        "help": "take the memory from this encoder layer's output (1 .. layers - 1, before any norm) "
+                "instead of the last hidden states (the released method)"})
+    memory_norm: float | None = field(default=None, metadata={
+        "help": "rescale each memory vector to this L2 norm (None: as the encoder writes it, the "
+                "released method)"})
+    memory_projection: bool = field(default=False, metadata={
+        "help": "a trainable d x d linear map of the memory (with bias), started at the identity, "
+                "applied before any rescaling (not in the released method)"})
+    bos_before_memory: bool = field(default=False, metadata={
+        "help": "the decoder reads [bos ; memory ; target] instead of the released [memory ; target]"})
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.memory_norm is not None and not self.memory_norm > 0:
+            raise ValueError(f"memory_norm must be positive or None, got {self.memory_norm!r}")
+
+
 def compress_token(i: int) -> str:
     return f"<EMBED{i}>"
 
@@ -28,48 +55,31 @@ class AutoRegEmbed(nn.Module):
     tokens `<EMBED0>`..`<EMBED{k-1}>`, placed right after a text, are the text's memory embeddings.
 
     `forward` = `compress`. Build one from a base model with `from_base`, save and reload with
-    `save_pretrained` / `from_pretrained` (encoder, tokenizer, k, prompt, memory_norm).
-
-    `memory_norm` (off by default, as in the released method): when set, every memory vector is
-    rescaled to this L2 norm. The encoder's last hidden states come out of its final norm at ~15x
-    the norm of the decoder's input embeddings (48 vs 3.2 for SmolLM2-135M); rescaling them to the
-    embeddings' mean norm (`embedding_norm`) lets stage 1 start from a prefix the decoder can read
-    (NOTES.md: stage-1 loss after 10 steps 8.3 instead of 14).
-
-    `memory_layer` (None by default: the last hidden states, after the final norm, as released):
-    the memory is the output of this encoder layer instead (1 .. layers - 1, before any norm).
-
-    `bos_before_memory` (off by default, as in the released method): the frozen decoder reads
-    `[bos ; memory ; target]` instead of `[memory ; target]` (`memory_for_decoder`); a setting of
-    the trained model, so stage 2, the reference scores and the evaluation read it from here.
-
-    `memory_projection` (off by default, as in the released method): a trainable d x d linear map
-    (with bias), started at the identity, applied to the encoder's states before any rescaling.
+    `save_pretrained` / `from_pretrained` (encoder, tokenizer, `MemorySettings`, prompt). What the
+    settings change, measured: the encoder's last hidden states come out of its final norm at ~15x
+    the norm of the decoder's input embeddings (48 vs 3.2 for SmolLM2-135M), and rescaling them
+    (`memory_norm`) makes the first stage-1 steps sane; an inner `memory_layer` made stage 1
+    compress within 250 steps (docs/stage1-compression.md).
     """
 
-    def __init__(self, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT,
-                 memory_norm: float | None = None, bos_before_memory: bool = False,
-                 memory_layer: int | None = None, memory_projection: bool = False):
+    def __init__(self, encoder, tokenizer, settings: MemorySettings = MemorySettings(),
+                 prompt: str = EVAL_PROMPT):
         super().__init__()
         layers = encoder.config.num_hidden_layers
-        if memory_layer is not None and not 1 <= memory_layer < layers:
+        if settings.memory_layer is not None and not 1 <= settings.memory_layer < layers:
             raise ValueError(f"memory_layer must be in [1, {layers - 1}] (the encoder has {layers} "
-                             f"layers; None takes the last hidden states), got {memory_layer!r}")
-        self.memory_layer = memory_layer
-        if memory_norm is not None and not memory_norm > 0:
-            raise ValueError(f"memory_norm must be positive or None, got {memory_norm!r}")
-        tokens = [compress_token(i) for i in range(k)]
+                             f"layers; None takes the last hidden states), got "
+                             f"{settings.memory_layer!r}")
+        if settings.bos_before_memory and tokenizer.bos_token_id is None:
+            raise ValueError("bos_before_memory needs a tokenizer with a bos token")
+        self.settings = settings
+        tokens = [compress_token(i) for i in range(settings.k)]
         ids = tokenizer.convert_tokens_to_ids(tokens)
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError("the tokenizer lacks the compress tokens: build with AutoRegEmbed.from_base")
         self.encoder = encoder
         self.tokenizer = tokenizer
-        self.k = k
         self.prompt = prompt
-        self.memory_norm = memory_norm
-        if bos_before_memory and tokenizer.bos_token_id is None:
-            raise ValueError("bos_before_memory needs a tokenizer with a bos token")
-        self.bos_before_memory = bos_before_memory
         self.register_buffer("compress_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         # The k compress-token embeddings live apart from the encoder's embedding matrix (whose
         # rows for them are then unused) so that they can train at a learning rate of their own
@@ -77,7 +87,7 @@ class AutoRegEmbed(nn.Module):
         embedding = encoder.get_input_embeddings().weight
         self.compress_embeddings = nn.Parameter(embedding.detach()[self.compress_ids].clone())
         self.memory_projection = None
-        if memory_projection:
+        if settings.memory_projection:
             hidden_size = embedding.shape[1]
             self.memory_projection = nn.Linear(hidden_size, hidden_size, dtype=embedding.dtype,
                                                device=embedding.device)
@@ -91,16 +101,19 @@ class AutoRegEmbed(nn.Module):
             head.requires_grad_(False)
 
     @classmethod
-    def from_base(cls, encoder, tokenizer, k: int = 5, prompt: str = EVAL_PROMPT,
-                  memory_norm: float | None = None, bos_before_memory: bool = False,
-                  memory_layer: int | None = None, memory_projection: bool = False):
+    def from_base(cls, encoder, tokenizer, settings: MemorySettings = MemorySettings(),
+                  prompt: str = EVAL_PROMPT):
         """Adds the k compress tokens to the tokenizer and the encoder's embeddings."""
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        tokenizer.add_special_tokens({"additional_special_tokens": [compress_token(i) for i in range(k)]})
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [compress_token(i) for i in range(settings.k)]})
         encoder.resize_token_embeddings(len(tokenizer))
-        return cls(encoder, tokenizer, k, prompt, memory_norm, bos_before_memory, memory_layer,
-                   memory_projection)
+        return cls(encoder, tokenizer, settings, prompt)
+
+    # The settings, read where the code speaks of them.
+    k = property(lambda self: self.settings.k)
+    memory_layer = property(lambda self: self.settings.memory_layer)
+    memory_norm = property(lambda self: self.settings.memory_norm)
+    bos_before_memory = property(lambda self: self.settings.bos_before_memory)
 
     @property
     def decoder_bos_id(self) -> int | None:
@@ -209,9 +222,7 @@ class AutoRegEmbed(nn.Module):
         self.encoder.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         (directory / CONFIG_FILE).write_text(json.dumps(
-            {"k": self.k, "prompt": self.prompt, "memory_norm": self.memory_norm,
-             "bos_before_memory": self.bos_before_memory, "memory_layer": self.memory_layer,
-             "memory_projection": self.memory_projection is not None}, indent=2))
+            {"prompt": self.prompt, **asdict(self.settings)}, indent=2))
         write_sentence_transformers_config(directory, "memory", self.prompt)
 
     @classmethod
@@ -223,9 +234,8 @@ class AutoRegEmbed(nn.Module):
             raise ValueError(f"{directory} holds no {CONFIG_FILE}: not a saved AutoRegEmbed model")
         config = json.loads((directory / CONFIG_FILE).read_text())
         encoder = AutoModelForCausalLM.from_pretrained(directory)
-        model = cls(encoder, AutoTokenizer.from_pretrained(directory), config["k"], config["prompt"],
-                    config.get("memory_norm"), config.get("bos_before_memory", False),
-                    config.get("memory_layer"), config.get("memory_projection", False))
+        prompt = config.pop("prompt")
+        model = cls(encoder, AutoTokenizer.from_pretrained(directory), MemorySettings(**config), prompt)
         if model.memory_projection is not None:
             model.memory_projection.load_state_dict(torch.load(directory / PROJECTION_FILE))
         return model

@@ -130,6 +130,15 @@ def heldout_loss(model_dir: str, study: dict, flags: list[str], references: Refe
     return {"loss": total / count, **objective.diagnostics()}
 
 
+def heldout_loss_before(study_dir: Path, setting: str, study: dict, flags, references) -> dict:
+    """`heldout_loss` of the stage-1 model under a setting's loss: the same for every seed, so
+    computed once per setting and kept in STUDY/heldout-before-SETTING.json."""
+    cache = study_dir / f"heldout-before-{setting}.json"
+    if not cache.is_file():
+        cache.write_text(json.dumps(heldout_loss(study["stage1"], study, flags, references)))
+    return json.loads(cache.read_text())
+
+
 def by_tenths(records: list[dict], key: str) -> list[float]:
     values = [r[key] for r in records if key in r]
     tenth = max(1, len(values) // 10)
@@ -175,7 +184,7 @@ def run(args) -> None:
         **metrics_of(embeddings, texts, heldout, sts_b),
         "cosine_to_stage1": {"mean": float(cosine.mean()), "p05": float(cosine.quantile(0.05)),
                              "min": float(cosine.min())},
-        "heldout_before": heldout_loss(study["stage1"], study, flags, references),
+        "heldout_before": heldout_loss_before(study_dir, args.setting, study, flags, references),
         "heldout_after": heldout_loss(model_dir, study, flags, references),
         "train_loss_by_tenths": by_tenths(log, "loss"),
         "s1_saturated_by_tenths": by_tenths(log, "s1_saturated"),

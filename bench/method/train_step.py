@@ -90,13 +90,13 @@ def worker(style: str, steps: int) -> dict:
     from autoregembed_fast import AlignmentLoss
     from autoregembed_fast.method.data import ALIGNMENT_FIELDS, Tokenization, read_jsonl
     from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm
-    from autoregembed_fast.method.model import AutoRegEmbed
+    from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings
 
     rows = read_jsonl(DATA, ALIGNMENT_FIELDS)[:BATCH]
     base, tokenizer = load_causal_lm("smollm2")
     decoder = frozen_decoder(copy.deepcopy(base))
     torch.manual_seed(0)
-    model = AutoRegEmbed.from_base(base, tokenizer, K).train()
+    model = AutoRegEmbed.from_base(base, tokenizer, MemorySettings(k=K)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     loss_fn, settings = AlignmentLoss(), Tokenization()
     zeros = torch.zeros(BATCH)

@@ -6,13 +6,14 @@ import torch
 
 from autoregembed_fast.method.training import commands as train
 from autoregembed_fast.method.lora import add_lora, merge_lora
-from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm
+from autoregembed_fast.method.loading import load_causal_lm
+from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings
 from tiny_models import save_tiny_base, stage1_rows, write_jsonl
 
 
 def test_merged_adapters_give_the_memory_of_the_adapted_model(tmp_path):
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
-    model = AutoRegEmbed.from_base(encoder, tokenizer, 2)
+    model = AutoRegEmbed.from_base(encoder, tokenizer, MemorySettings(k=2))
     add_lora(model, 4)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert "compress_embeddings" in trainable
@@ -25,7 +26,8 @@ def test_merged_adapters_give_the_memory_of_the_adapted_model(tmp_path):
     ids, mask = model.tokenize_texts(["a man plays", "two dogs run here"])
     with torch.no_grad():
         adapted = model(ids, mask)
-        plain_start = AutoRegEmbed.from_base(*load_causal_lm(str(tmp_path / "base")), 2)
+        plain_start = AutoRegEmbed.from_base(*load_causal_lm(str(tmp_path / "base")),
+                                             MemorySettings(k=2))
         plain_start.compress_embeddings.copy_(model.compress_embeddings)
         assert (plain_start(ids, mask) - adapted).abs().max() > 1e-2  # the adapters matter
         assert merge_lora(model) == 14

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autoregembed_fast.method.loading import load_causal_lm
-from autoregembed_fast.method.model import AutoRegEmbed
+from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings
 from tiny_models import save_tiny_base
 
 # Packed into one row (the default row budget), into rows of at most 16 tokens, or one right-padded
@@ -14,10 +14,9 @@ LAYOUTS = {"packed": (True, None), "packed-rows-of-16": (True, 16), "padded": (F
 
 
 @pytest.mark.parametrize("bad", [0.0, -2.0, float("nan")])
-def test_memory_norm_must_be_positive(tmp_path, bad):
-    encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
+def test_memory_norm_must_be_positive(bad):
     with pytest.raises(ValueError, match="memory_norm"):
-        AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_norm=bad)
+        MemorySettings(k=2, memory_norm=bad)
 
 
 @pytest.mark.parametrize("memory_layer", [None, 1], ids=["last-hidden", "layer-1"])
@@ -31,7 +30,7 @@ def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layou
     if row_tokens is not None:
         monkeypatch.setattr("autoregembed_fast.method.packing.PACKED_ROW_TOKENS", row_tokens)
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
-    model = AutoRegEmbed.from_base(encoder, tokenizer, k=3, memory_layer=memory_layer)
+    model = AutoRegEmbed.from_base(encoder, tokenizer, MemorySettings(k=3, memory_layer=memory_layer))
     captured = []
     if memory_layer is not None:
         layer = encoder.base_model.layers[memory_layer - 1]
@@ -70,12 +69,12 @@ def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layou
 def test_memory_layer_must_be_an_inner_layer(tmp_path, bad):
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
     with pytest.raises(ValueError, match=r"memory_layer must be in \[1, 1\]"):
-        AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_layer=bad)
+        AutoRegEmbed.from_base(encoder, tokenizer, MemorySettings(k=2, memory_layer=bad))
 
 
 def test_compress_refuses_a_left_padded_batch(tmp_path):
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
-    model = AutoRegEmbed.from_base(encoder, tokenizer, k=2)
+    model = AutoRegEmbed.from_base(encoder, tokenizer, MemorySettings(k=2))
     ids = torch.randint(0, 50, (2, 4))
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     with pytest.raises(ValueError, match="right-padded.*row 1"):
@@ -87,15 +86,15 @@ def test_saved_settings_and_compress_embeddings_survive_a_reload(tmp_path):
     compress-token embeddings (a parameter apart from the embedding matrix) come back from
     save_pretrained / from_pretrained: the reloaded model gives the same memory."""
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
-    model = AutoRegEmbed.from_base(encoder, tokenizer, 2, memory_norm=2.5, bos_before_memory=True,
-                                   memory_layer=1, memory_projection=True)
+    model = AutoRegEmbed.from_base(encoder, tokenizer, MemorySettings(
+        k=2, memory_norm=2.5, bos_before_memory=True, memory_layer=1, memory_projection=True))
     with torch.no_grad():
         model.compress_embeddings.add_(torch.randn_like(model.compress_embeddings))
         model.memory_projection.weight.add_(0.1 * torch.randn_like(model.memory_projection.weight))
         model.memory_projection.bias.normal_()
     model.save_pretrained(tmp_path / "saved")
     loaded = AutoRegEmbed.from_pretrained(tmp_path / "saved")
-    assert (loaded.memory_layer, loaded.bos_before_memory, loaded.memory_norm) == (1, True, 2.5)
+    assert loaded.settings == model.settings
     assert torch.equal(loaded.memory_projection.weight, model.memory_projection.weight)
     assert torch.equal(loaded.compress_embeddings, model.compress_embeddings)
     ids, mask = model.tokenize_texts(["a man plays", "two dogs run here"])
@@ -106,9 +105,10 @@ def test_saved_settings_and_compress_embeddings_survive_a_reload(tmp_path):
 def test_the_memory_projection_starts_at_the_identity_and_trains(tmp_path):
     base = str(save_tiny_base(tmp_path / "base"))
     torch.manual_seed(0)
-    plain = AutoRegEmbed.from_base(*load_causal_lm(base), 2)
+    plain = AutoRegEmbed.from_base(*load_causal_lm(base), MemorySettings(k=2))
     torch.manual_seed(0)
-    projected = AutoRegEmbed.from_base(*load_causal_lm(base), 2, memory_projection=True)
+    projected = AutoRegEmbed.from_base(*load_causal_lm(base),
+                                       MemorySettings(k=2, memory_projection=True))
     ids, mask = plain.tokenize_texts(["a man plays", "two dogs run here"])
     memory = projected(ids, mask)
     assert torch.allclose(memory, plain(ids, mask), rtol=1e-6, atol=1e-6)

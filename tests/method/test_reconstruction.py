@@ -1,6 +1,8 @@
 """Reconstruction NLL from own / other / no memory: against the decoder run directly, one text at a
 time with its own logits; and the bootstrap summary against sums taken by hand."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -42,7 +44,7 @@ def test_reconstruction_nlls_against_the_decoder_run_directly(tmp_path, bos_befo
     base = str(save_tiny_base(tmp_path / "base", weight_scale=5.0))
     torch.manual_seed(0)
     model = load_encoder(base, 3).eval()
-    model.bos_before_memory = bos_before_memory
+    model.settings = replace(model.settings, bos_before_memory=bos_before_memory)
     decoder = load_causal_lm(base)[0].eval()
     rows = stage1_rows(5)
     got = reconstruction_nlls(model, decoder, rows, batch_size=2, samples=200)

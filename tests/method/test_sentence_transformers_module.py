@@ -11,7 +11,7 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 from autoregembed_fast.method.data import DataError, EVAL_PROMPT  # noqa: E402
 from autoregembed_fast.method.embedders import last_token_embedder  # noqa: E402
 from autoregembed_fast.method.loading import load_causal_lm  # noqa: E402
-from autoregembed_fast.method.model import AutoRegEmbed  # noqa: E402
+from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings  # noqa: E402
 from autoregembed_fast.method.sentence_transformers_files import DOCUMENT_PROMPT  # noqa: E402
 from autoregembed_fast.method.sentence_transformers_module import (  # noqa: E402
     AutoRegEmbedModule, sentence_transformer,
@@ -25,7 +25,8 @@ TEXTS = [row["query"] + " and" * i for i, row in enumerate(stage2_rows(7))]
 def saved_model(directory, tmp_path):
     """A trained-looking AutoRegEmbed (inner-layer memory after a bos, moved compress tokens)."""
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base", weight_scale=5.0)))
-    model = AutoRegEmbed.from_base(encoder, tokenizer, 3, bos_before_memory=True, memory_layer=1)
+    model = AutoRegEmbed.from_base(encoder, tokenizer,
+                                   MemorySettings(k=3, bos_before_memory=True, memory_layer=1))
     with torch.no_grad():
         model.compress_embeddings.add_(torch.randn_like(model.compress_embeddings))
     model.save_pretrained(directory)

@@ -23,6 +23,7 @@ import gc
 import math
 import copy
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ from autoregembed_fast.method.loading import (
     load_causal_lm,
     load_encoder,
 )
-from autoregembed_fast.method.model import AutoRegEmbed
+from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings
 from autoregembed_fast.method.scoring import memory_for_decoder
 from autoregembed_fast.method.training.objectives import (
     AlignmentObjective,
@@ -120,11 +121,7 @@ def command_compress(args) -> None:
     # The frozen decoder keeps the checkpoint's dtype (it is never updated); the encoder trains on
     # fp32 master weights (run_training).
     decoder = frozen_decoder(copy.deepcopy(base), args.gradient_checkpointing).to(cluster.device)
-    memory_norm = embedding_norm(base) if args.memory_norm == "embedding" else args.memory_norm
-    model = AutoRegEmbed.from_base(base, tokenizer, args.k, memory_norm=memory_norm,
-                                   bos_before_memory=args.bos_before_memory,
-                                   memory_layer=args.memory_layer,
-                                   memory_projection=args.memory_projection)
+    model = AutoRegEmbed.from_base(base, tokenizer, memory_settings_of(args, base))
     model.packed = not args.no_packing
     if args.lora:
         add_lora(model, args.lora)
@@ -241,24 +238,71 @@ def memory_norm_setting(text: str):
             f'expected "none", "embedding" or a positive number, got {text!r}') from None
 
 
+def memory_layer_setting(text: str) -> int | None:
+    """--memory-layer: a layer number, or "last" (None: the last hidden states)."""
+    if text == "last":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a layer number or "last", got {text!r}') from None
+
+
+# How each MemorySettings field is read from the command line (k is a common flag: `--k`).
+MEMORY_FLAG_TYPES = {"memory_layer": memory_layer_setting, "memory_norm": memory_norm_setting}
+MEMORY_FLAG_NOTES = {"memory_norm": ' ("embedding": the mean norm of the input embeddings)',
+                     "memory_layer": ' ("last": the last hidden states)'}
+
+
+def memory_fields():
+    return [f for f in fields(MemorySettings) if f.name != "k"]
+
+
+def add_memory_flags(parser, prefix: str = "", defaults: dict | None = None) -> None:
+    """One flag per `MemorySettings` field but k (`--memory-layer`, ...; `prefix` "stage1-" makes
+    `--stage1-memory-layer`, ...), with the field's help; `defaults` overrides the released ones."""
+    defaults = defaults or {}
+    for setting in memory_fields():
+        flag = "--" + prefix + setting.name.replace("_", "-")
+        default = defaults.get(setting.name, setting.default)
+        help_text = setting.metadata["help"] + MEMORY_FLAG_NOTES.get(setting.name, "")
+        if setting.name in MEMORY_FLAG_TYPES:
+            parser.add_argument(flag, type=MEMORY_FLAG_TYPES[setting.name], default=default,
+                                help=f"{help_text} (default: {default})")
+        else:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+
+
+def memory_settings_of(args, base=None, prefix: str = "") -> MemorySettings:
+    """The MemorySettings of parsed `add_memory_flags` flags (and `--k`); a memory norm of
+    "embedding" is resolved against the base model."""
+    values = {f.name: getattr(args, prefix + f.name) for f in memory_fields()}
+    if values["memory_norm"] == "embedding":
+        values["memory_norm"] = embedding_norm(base)
+    return MemorySettings(k=getattr(args, "k", MemorySettings.k), **values)
+
+
+def memory_flags(args, prefix: str = "") -> list[str]:
+    """`train compress` flags that reproduce parsed `add_memory_flags` flags (for the demo)."""
+    flags = []
+    for setting in memory_fields():
+        value, flag = getattr(args, prefix + setting.name), "--" + setting.name.replace("_", "-")
+        if setting.name in MEMORY_FLAG_TYPES:
+            flags += [flag, "last" if setting.name == "memory_layer" and value is None
+                      else "none" if value is None else str(value)]
+        else:
+            flags.append(flag if value else "--no-" + flag.removeprefix("--"))
+    return flags
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m autoregembed_fast.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     compress = commands.add_parser("compress", help="stage 1: information compression")
     compress.add_argument("--model", required=True, help='base model directory or "smollm2"')
-    compress.add_argument("--memory-norm", type=memory_norm_setting, default="none",
-                          help='rescale each memory vector to this L2 norm: "none" (the released '
-                               'method), "embedding" (the mean norm of the input embeddings) or a number')
-    compress.add_argument("--memory-layer", type=int, default=None,
-                          help="take the memory from this encoder layer's output (1 .. layers - 1) "
-                               "instead of the last hidden states (the released method)")
-    compress.add_argument("--memory-projection", action="store_true",
-                          help="a trainable linear map of the memory, started at the identity "
-                               "(not in the released method; saved with the model)")
-    compress.add_argument("--bos-before-memory", action="store_true",
-                          help="the decoder reads [bos ; memory ; target] instead of the released "
-                               "[memory ; target] (a setting of the saved model: stage 2 reads it)")
+    add_memory_flags(compress)
     add_common(compress, training=True)
 
     reference = commands.add_parser("reference", help="reference scores of the stage-1 model")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autoregembed_fast.method.training import commands as train
-from autoregembed_fast.method.model import AutoRegEmbed
+from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings
 from tiny_models import save_tiny_base, stage1_rows, stage2_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -52,7 +52,7 @@ def test_compress_writes_model_log_and_curve(workspace):
     rows = read_jsonl(workspace["stage1"], COMPRESSION_FIELDS)
     base, tokenizer = load_causal_lm(str(workspace["base"]))
     decoder = frozen_decoder(copy.deepcopy(base))
-    start = AutoRegEmbed.from_base(base, tokenizer, 5)
+    start = AutoRegEmbed.from_base(base, tokenizer, MemorySettings(k=5))
     first = epoch_batches(len(rows), 4, 0, 0, Cluster(0, 1, torch.device("cpu")))[0]
     with torch.no_grad():
         loss, count = CompressionObjective(decoder, tokenizer, Tokenization(), rows)(
