@@ -124,18 +124,13 @@ class AutoRegEmbed(nn.Module):
     def hidden_size(self) -> int:
         return self.encoder.get_input_embeddings().weight.shape[1]
 
-    # Encoder passes run packed (padding-free, `autoregembed_fast.method.packing`) unless this is False.
-    packed = True
-
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                 packed: bool | None = None) -> torch.Tensor:
+                 packed: bool = True) -> torch.Tensor:
         """Memory embeddings [B, k, d] of right-padded texts input_ids [B, T] (mask [B, T]): the
-        compress tokens go right after each row's last real token. With `packed` (default: the
-        model's `packed`, True) the texts run padding-free, packed into a few rows; without, as
-        one right-padded batch."""
+        compress tokens go right after each row's last real token. `packed`: the texts run
+        padding-free, packed into a few rows (`autoregembed_fast.method.packing`); False: as one
+        right-padded batch (for models whose attention would cross packed sequences)."""
         check_right_padded(attention_mask, "attention_mask")
-        if packed is None:
-            packed = self.packed
         batch = input_ids.shape[0]
         lengths = attention_mask.sum(dim=1)
         positions = lengths[:, None] + torch.arange(self.k, device=input_ids.device)[None, :]

@@ -131,5 +131,5 @@ def check_packing_support(base_model) -> None:
             f"{type(base_model).__name__} does not read restarting position_ids as packed sequences "
             f"(a packed sequence's states change by {difference:.2g} relative with the sequence "
             "packed before it): run it padded (`python -m autoregembed_fast.train ... --no-packing`; "
-            "in code AutoRegEmbed.packed = False, score_targets(..., packed=False)).")
+            "in code AutoRegEmbed.compress(..., packed=False), score_targets(..., packed=False)).")
     base_model._autoregembed_packing_checked = True

@@ -69,7 +69,6 @@ def compute_references(args, cluster: Cluster) -> None:
     settings = tokenization_of(args)
     rows = read_alignment_rows(args.data)
     model = AutoRegEmbed.from_pretrained(args.encoder).to(cluster.device).eval()
-    model.packed = not args.no_packing
     decoder = frozen_decoder(load_causal_lm(args.decoder)[0]).to(cluster.device)
     shard = len(rows) * cluster.rank // cluster.world, len(rows) * (cluster.rank + 1) // cluster.world
     positive, negative = [], []
@@ -78,9 +77,10 @@ def compute_references(args, cluster: Cluster) -> None:
         batch = alignment_batch(model.tokenizer, chunk, settings, self_score=False)
         n_negatives = batch.pop("n_negatives")
         batch = {k: v.to(cluster.device) for k, v in batch.items()}
-        memory = memory_for_decoder(decoder, model(batch["input_ids"], batch["attention_mask"]),
-                                    model.decoder_bos_id)
-        scores = sequence_scores(decoder, memory, batch, args.average_logprobs, model.packed)
+        memory = memory_for_decoder(
+            decoder, model(batch["input_ids"], batch["attention_mask"], packed=not args.no_packing),
+            model.decoder_bos_id)
+        scores = sequence_scores(decoder, memory, batch, args.average_logprobs, not args.no_packing)
         s_qp, _, s_qn = split_alignment_scores(scores.float().cpu(), len(chunk), n_negatives,
                                                self_score=False)
         positive.append(s_qp)
@@ -122,13 +122,12 @@ def command_compress(args) -> None:
     # fp32 master weights (run_training).
     decoder = frozen_decoder(copy.deepcopy(base), args.gradient_checkpointing).to(cluster.device)
     model = AutoRegEmbed.from_base(base, tokenizer, memory_settings_of(args, base))
-    model.packed = not args.no_packing
     if args.lora:
         add_lora(model, args.lora)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.encoder)
     objective = CompressionObjective(decoder, tokenizer, tokenization_of(args), rows,
-                                     model.decoder_bos_id, model.packed)
+                                     model.decoder_bos_id, not args.no_packing)
     run_training(args, cluster, model, objective, len(rows))
 
 
@@ -137,13 +136,13 @@ def command_align(args) -> None:
     rows = read_alignment_rows(args.data)
     settings = tokenization_of(args)
     model = load_encoder(args.encoder, args.k)
-    model.packed = not args.no_packing
     if args.lora:
         add_lora(model, args.lora)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.encoder)
     if args.objective == "contrastive":
-        objective = ContrastiveObjective(model.tokenizer, settings, rows, args.contrastive_temperature)
+        objective = ContrastiveObjective(model.tokenizer, settings, rows, args.contrastive_temperature,
+                                         not args.no_packing)
     else:
         key = None
         if args.reference_scores != "none":
@@ -155,7 +154,8 @@ def command_align(args) -> None:
         loss = AlignmentLoss(args.beta, args.temperature, args.reference_sign)
         objective = AlignmentObjective(decoder.to(cluster.device), model.tokenizer, settings, loss,
                                        references, args.average_logprobs,
-                                       args.detach_self_score, model.decoder_bos_id, model.packed,
+                                       args.detach_self_score, model.decoder_bos_id,
+                                       not args.no_packing,
                                        args.in_batch_negatives)
     run_training(args, cluster, model, objective, len(rows))
 

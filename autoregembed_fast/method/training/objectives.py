@@ -45,8 +45,9 @@ class CompressionObjective:
     def __call__(self, model, rows, device):
         data = [self.rows[i] for i in rows]
         batch = {k: v.to(device) for k, v in compression_batch(self.tokenizer, data, self.settings).items()}
-        memory = memory_for_decoder(self.decoder, model(batch["input_ids"], batch["attention_mask"]),
-                                    self.decoder_bos_id)
+        memory = memory_for_decoder(
+            self.decoder, model(batch["input_ids"], batch["attention_mask"], packed=self.packed),
+            self.decoder_bos_id)
         index = torch.arange(len(rows), device=device)
         hidden, labels, weight, bias, _ = decoder_scoring_inputs(
             self.decoder, memory, batch["target_ids"], batch["target_mask"], index, self.packed)
@@ -104,8 +105,9 @@ class AlignmentObjective:
                                 in_batch_negatives=self.in_batch_negatives)
         n_negatives = batch.pop("n_negatives")
         batch = {k: v.to(device) for k, v in batch.items()}
-        memory = memory_for_decoder(self.decoder, model(batch["input_ids"], batch["attention_mask"]),
-                                    self.decoder_bos_id)
+        memory = memory_for_decoder(
+            self.decoder, model(batch["input_ids"], batch["attention_mask"], packed=self.packed),
+            self.decoder_bos_id)
         scores = sequence_scores(self.decoder, memory, batch, self.average, self.packed)
         s_qp, s_pp, s_qn = split_alignment_scores(scores.float(), len(rows), n_negatives)
         if self.detach_self_score:
@@ -139,8 +141,9 @@ class ContrastiveObjective:
     """The paper's baseline on the same data: InfoNCE over in-batch positives and hard negatives on
     the same mean-of-memory embeddings (in-batch means within each rank's batch)."""
 
-    def __init__(self, tokenizer, settings, rows, temperature: float):
+    def __init__(self, tokenizer, settings, rows, temperature: float, packed: bool = True):
         self.tokenizer, self.settings, self.rows, self.temperature = tokenizer, settings, rows, temperature
+        self.packed = packed
 
     def count(self, rows) -> int:
         return len(rows)
@@ -153,7 +156,8 @@ class ContrastiveObjective:
         sequences = [encoder_ids(self.tokenizer, text, instruction_for(row, self.settings), self.settings)
                      for text, row in pairs]
         ids, mask = pad(sequences, pad_id_of(self.tokenizer))
-        embeddings = F.normalize(model(ids.to(device), mask.to(device)).float().mean(dim=1), dim=-1)
+        memory = model(ids.to(device), mask.to(device), packed=self.packed)
+        embeddings = F.normalize(memory.float().mean(dim=1), dim=-1)
         batch = len(rows)
         query, candidates = embeddings[:batch], embeddings[batch:]
         logits = query @ candidates.t() / self.temperature
