@@ -42,7 +42,7 @@ from autoregembed_fast.method.data import (
     split_alignment_scores,
 )
 from autoregembed_fast.method.losses import AlignmentLoss
-from autoregembed_fast.method.training.loop import run_training
+from autoregembed_fast.method.training.loop import TrainingConfig, run_training
 from autoregembed_fast.method.lora import add_lora
 from autoregembed_fast.method.loading import (
     embedding_norm,
@@ -128,7 +128,7 @@ def command_compress(args) -> None:
         enable_gradient_checkpointing(model.encoder)
     objective = CompressionObjective(decoder, tokenizer, tokenization_of(args), rows,
                                      model.decoder_bos_id, not args.no_packing)
-    run_training(args, cluster, model, objective, len(rows))
+    run_training(TrainingConfig.from_args(args), cluster, model, objective, len(rows))
 
 
 def command_align(args) -> None:
@@ -157,7 +157,7 @@ def command_align(args) -> None:
                                        args.detach_self_score, model.decoder_bos_id,
                                        not args.no_packing,
                                        args.in_batch_negatives)
-    run_training(args, cluster, model, objective, len(rows))
+    run_training(TrainingConfig.from_args(args), cluster, model, objective, len(rows))
 
 
 def command_reference(args) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,42 @@ from autoregembed_fast.method.model import AutoRegEmbed
 from autoregembed_fast.method.training.parallel import Parallelism
 
 LOG = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What a training run is asked to do (the commands build it from their flags: `from_args`)."""
+
+    output: Path  # the model, log, loss curve and checkpoints go here
+    name: str  # the run's title in the progress bar and on the loss curve
+    batch_size: int = 8  # rows per rank per micro-batch
+    grad_accum: int = 1
+    steps: int = 0  # optimizer steps; 0: `epochs` epochs
+    epochs: int = 1
+    seed: int = 0  # the data order (and the caller's RNG)
+    lr: float = 1e-5
+    compress_token_lr: float | None = None  # None: `lr`
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    bf16: bool = False  # autocast over the fp32 master weights
+    fsdp: bool = False
+    merge_lora: bool = False  # fold LoRA adapters into the saved model
+    save_every: int = 0
+    resume: bool = False
+    stop_after: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> "TrainingConfig":
+        return cls(
+            output=Path(args.output), name=args.command, batch_size=args.batch_size,
+            grad_accum=args.grad_accum, steps=args.steps, epochs=args.epochs, seed=args.seed,
+            lr=args.lr, compress_token_lr=args.compress_token_lr, weight_decay=args.weight_decay,
+            lr_schedule=args.lr_schedule, warmup_ratio=args.warmup_ratio,
+            max_grad_norm=args.max_grad_norm, bf16=args.bf16, fsdp=args.fsdp,
+            merge_lora=bool(args.lora), save_every=args.save_every, resume=args.resume,
+            stop_after=args.stop_after)
 
 
 def lr_factor(schedule: str, total_steps: int, warmup_steps: int):
@@ -48,28 +85,31 @@ def parameter_groups(model: AutoRegEmbed, trainable, compress_token_lr: float | 
             {"params": [compress], "lr": compress_token_lr}]
 
 
-def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows: int) -> None:
-    output = Path(args.output)
-    steps_per_epoch = len(epoch_batches(n_rows, args.batch_size, args.seed, 0, cluster)) // args.grad_accum
+def run_training(config: TrainingConfig, cluster: Cluster, model: AutoRegEmbed, objective,
+                 n_rows: int) -> None:
+    output = config.output
+    first_epoch = epoch_batches(n_rows, config.batch_size, config.seed, 0, cluster)
+    steps_per_epoch = len(first_epoch) // config.grad_accum
     if steps_per_epoch == 0:
-        raise SystemExit(f"{n_rows} rows make no step of batch {args.batch_size} x "
-                         f"{cluster.world} ranks x {args.grad_accum} accumulation")
-    total_steps = args.steps or steps_per_epoch * args.epochs
-    parallelism = Parallelism(cluster, args.fsdp)
+        raise SystemExit(f"{n_rows} rows make no step of batch {config.batch_size} x "
+                         f"{cluster.world} ranks x {config.grad_accum} accumulation")
+    total_steps = config.steps or steps_per_epoch * config.epochs
+    parallelism = Parallelism(cluster, config.fsdp)
     # Master weights in fp32 whatever the checkpoint's dtype (transformers loads a bf16 checkpoint
     # as bf16): an AdamW update below bf16's spacing (most of them at lr 5e-6) would otherwise
     # vanish. `--bf16` runs the compute under autocast over these fp32 weights.
     model.to(device=cluster.device, dtype=torch.float32).train()
-    parallelism.shard(model, args.bf16)
+    parallelism.shard(model, config.bf16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The fused AdamW (CPU and CUDA) is one kernel over all parameters; the default per-tensor loop
     # took 0.2-1.2 s of a ~5 s CPU step for SmolLM2-135M, the fused one 0.07-0.09 s (NOTES.md).
-    optimizer = torch.optim.AdamW(parameter_groups(model, trainable, args.compress_token_lr),
-                                  lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(parameter_groups(model, trainable, config.compress_token_lr),
+                                  lr=config.lr, weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(args.lr_schedule, total_steps, math.ceil(args.warmup_ratio * total_steps)))
+        optimizer,
+        lr_factor(config.lr_schedule, total_steps, math.ceil(config.warmup_ratio * total_steps)))
     step = 0
-    if args.resume:
+    if config.resume:
         step = resume(parallelism, cluster, output, model, optimizer, scheduler)
     wrapped = parallelism.wrap(model)
 
@@ -78,19 +118,19 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         output.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=step, desc=args.command, dynamic_ncols=True)
-    autocast = (torch.autocast(cluster.device.type, dtype=torch.bfloat16) if args.bf16
+        progress = tqdm(total=total_steps, initial=step, desc=config.name, dynamic_ncols=True)
+    autocast = (torch.autocast(cluster.device.type, dtype=torch.bfloat16) if config.bf16
                 else contextlib.nullcontext())
     log_mode = "a" if step > 0 else "w"
     log = (output / LOG).open(log_mode) if cluster.main else None
     started = time.perf_counter()
     batches_epoch, batches = None, []
     while step < total_steps:
-        epoch, position = divmod(step * args.grad_accum, steps_per_epoch * args.grad_accum)
+        epoch, position = divmod(step * config.grad_accum, steps_per_epoch * config.grad_accum)
         if epoch != batches_epoch:  # the permutation of an epoch is drawn once, not every step
-            batches_epoch, batches = epoch, epoch_batches(n_rows, args.batch_size, args.seed, epoch,
-                                                          cluster)
-        micro_batches = batches[position : position + args.grad_accum]
+            batches_epoch = epoch
+            batches = epoch_batches(n_rows, config.batch_size, config.seed, epoch, cluster)
+        micro_batches = batches[position : position + config.grad_accum]
         global_count = cluster.all_sum(sum(objective.count(rows) for rows in micro_batches))
         step_started = time.perf_counter()
         loss_sum = 0.0
@@ -99,10 +139,11 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
             with parallelism.gradient_sync(model, wrapped, last=i == len(micro_batches) - 1):
                 with autocast:
                     batch_loss, _ = objective(wrapped, rows, cluster.device)
-                # DDP and FSDP2 average gradients over ranks: scale so the result is the global mean.
+                # DDP and FSDP2 average gradients over ranks: scale so that the result is the
+                # global mean.
                 (batch_loss * cluster.world / global_count).backward()
             loss_sum += batch_loss.item()
-        grad_norm = parallelism.clip_grad_norm(trainable, args.max_grad_norm)
+        grad_norm = parallelism.clip_grad_norm(trainable, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -110,7 +151,7 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         if not math.isfinite(loss):
             raise SystemExit(f"non-finite loss {loss} at step {step}")
         if cluster.main:
-            examples = args.batch_size * cluster.world * len(micro_batches)
+            examples = config.batch_size * cluster.world * len(micro_batches)
             throughput = examples / (time.perf_counter() - step_started)
             record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "examples_per_s": throughput,
@@ -121,9 +162,9 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
             log.flush()
             progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{throughput:.1f}")
             progress.update(1)
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
+        if config.save_every and step % config.save_every == 0 and step < total_steps:
             parallelism.save_checkpoint(output, model, optimizer, scheduler, step)
-        if args.stop_after and step >= args.stop_after:
+        if config.stop_after and step >= config.stop_after:
             break
     finished = step >= total_steps
     full_state = parallelism.full_state(model) if finished else None
@@ -131,10 +172,10 @@ def run_training(args, cluster: Cluster, model: AutoRegEmbed, objective, n_rows:
         progress.close()
         log.close()
         if finished:
-            if args.lora:
+            if config.merge_lora:
                 merge_lora(model)
             model.save_pretrained(output / "model", state_dict=full_state)
-            plot_losses(output / LOG, output / "loss.png", args.command)
+            plot_losses(output / LOG, output / "loss.png", config.name)
             print(f"saved {output / 'model'}; log {output / LOG}; curve {output / 'loss.png'}")
     if cluster.world > 1:
         dist.barrier()

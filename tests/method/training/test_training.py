@@ -435,8 +435,8 @@ def test_detached_self_score_stops_the_gradient_into_the_positives_memory(worksp
     references = References.load(rows, "none", None)
     memories = []
 
-    def model(ids, mask):
-        memory = encoder(ids, mask).detach().requires_grad_()
+    def model(ids, mask, packed=True):
+        memory = encoder(ids, mask, packed=packed).detach().requires_grad_()
         memories.append(memory)
         return memory
 
