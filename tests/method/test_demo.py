@@ -55,7 +55,7 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
                          "--stage1-memory-layer", "1",
                          "--stage1-compress-token-lr", "1e-3", "--stage1-lr-schedule", "constant",
                          "--stage1-memory-norm", "none", "--stage2-steps", "2",
-                         "--stage2-grad-accum", "2", "--bf16", "off"])
+                         "--stage2-grad-accum", "2", "--stage2-in-batch-negatives", "--bf16", "off"])
     assert "bf16 autocast off: --bf16 off" in capsys.readouterr().out
     assert results["bf16"] == {"on": False, "why": "--bf16 off"}
     assert set(results["models"]) == {"untrained last-token prompt", "autoregembed stage 1",
