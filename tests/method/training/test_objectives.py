@@ -63,3 +63,61 @@ def test_alignment_terms_by_hand():
     assert terms["pos_over_neg"].tolist() == [1.0, 0.0, 1.0, 1.0]
     dpo = alignment_terms(s_qp, s_pp, s_qn, ref_pos, ref_neg, beta=1.0, reference_sign=-1)
     assert dpo["margin"].tolist() == [1.0, -1.0, 77.0, 0.5]
+
+
+@torch.no_grad()
+def summed_logprob(decoder, memory, tokens) -> float:
+    """log p(tokens | memory) through the decoder's own forward and log-softmax, in float64."""
+    inputs = torch.cat([memory, decoder.get_input_embeddings()(tokens)])[None]
+    logits = decoder(inputs_embeds=inputs).logits[0].double()
+    k = memory.shape[0]
+    logp = torch.log_softmax(logits[k - 1 : k - 1 + len(tokens)], dim=-1)
+    return float(logp.gather(1, tokens[:, None]).sum())
+
+
+def test_in_batch_negatives_are_scored_under_the_querys_memory_without_a_reference_term():
+    """3 rows, 1 hard negative each: the loss is the released formula over [hard negative, the 2 other
+    rows' positives], each scored under the query's memory, the cached reference term on the hard
+    negative only."""
+    from autoregembed_fast.method.data import target_ids
+    from autoregembed_fast.method.losses import AlignmentLoss
+    from autoregembed_fast.method.training.objectives import AlignmentObjective
+    from autoregembed_fast.method.training.references import References
+    from tiny_models import tiny_llama
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    decoder = tiny_llama(vocab_size=len(tokenizer), hidden_size=8).eval()
+    for weight in decoder.parameters():
+        weight.data.mul_(20.0)  # logits that depend on the memory
+    rows = stage2_rows(3)
+    ref_pos, ref_neg = torch.tensor([-30.0, -25.0, -28.0]), torch.tensor([[-31.0], [-20.0], [-29.5]])
+    references = References(rows, ref_pos, ref_neg)
+    loss = AlignmentLoss(beta=0.1, temperature=0.1)
+    objective = AlignmentObjective(decoder, tokenizer, Tokenization(), loss, references, average=False,
+                                   in_batch_negatives=True)
+    memory = torch.randn(6, 2, 8)  # 3 queries then 3 positives (k = 2, d = 8)
+
+    class QueriesThenPositives:
+        def __call__(self, input_ids, attention_mask, packed=True):
+            assert input_ids.shape[0] == 6
+            return memory.clone()
+
+    value, count = objective(QueriesThenPositives(), [0, 1, 2], torch.device("cpu"))
+    assert count == 3
+
+    def score(text, memory_row):
+        tokens = torch.tensor(target_ids(tokenizer, text, Tokenization()))
+        return summed_logprob(decoder, memory[memory_row], tokens)
+
+    terms = []
+    for i, row in enumerate(rows):
+        s_qp, s_pp = score(row["pos"], i), score(row["pos"], 3 + i)
+        s1 = 1 / (1 + math.exp(-0.1 * abs(s_qp - s_pp)))
+        negatives = [(score(row["neg"], i), float(ref_pos[i] - ref_neg[i, 0]))]
+        negatives += [(score(rows[j]["pos"], i), 0.0) for j in range(3) if j != i]
+        for s_qn, reference in negatives:
+            s2 = 1 / (1 + math.exp(-0.1 * ((s_qp - s_qn) + reference)))
+            terms.append(math.log1p(math.exp((s1 - s2) / 0.1)))
+    expected = sum(terms) / len(terms) * 3  # the objective returns the sum over its 3 rows
+    assert abs(value.item() - expected) < 1e-4 * abs(expected)
