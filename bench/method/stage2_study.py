@@ -202,8 +202,10 @@ def table(args) -> None:
     study = json.loads((study_dir / "study.json").read_text())
     records = [json.loads(line) for line in (study_dir / "results.jsonl").read_text().splitlines() if line]
     first = study["stage1_metrics"]
-    print(f"stage 1: triplets {first['triplet_accuracy']:.3f} {first['triplet_accuracy_ci95']}, "
-          f"STS-B dev {first['sts_b_spearman']:.1f} {first['sts_b_spearman_ci95']}\n")
+    low, high = first["triplet_accuracy_ci95"]
+    sts_low, sts_high = first["sts_b_spearman_ci95"]
+    print(f"stage 1: triplets {first['triplet_accuracy']:.3f} [{low:.3f}, {high:.3f}], "
+          f"STS-B dev {first['sts_b_spearman']:.1f} [{sts_low:.1f}, {sts_high:.1f}]\n")
     print("| setting | seeds | triplets mean (per seed) | STS-B dev mean (per seed) | cos to stage 1 | "
           "held-out loss before → after | held-out pos > neg after | s1 / s2 saturated (last tenth) "
           "| train s |")
