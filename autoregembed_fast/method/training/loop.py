@@ -150,14 +150,16 @@ def run_training(config: TrainingConfig, cluster: Cluster, model: AutoRegEmbed, 
         loss = cluster.all_sum(loss_sum) / global_count
         if not math.isfinite(loss):
             raise SystemExit(f"non-finite loss {loss} at step {step}")
+        # What the stage-2 loss saw in this rank's micro-batches (margins, saturation), taken on
+        # every rank so that none accumulates it; rank 0 logs its own.
+        seen = getattr(objective, "diagnostics", dict)()
         if cluster.main:
             examples = config.batch_size * cluster.world * len(micro_batches)
             throughput = examples / (time.perf_counter() - step_started)
             record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "examples_per_s": throughput,
                       "elapsed_s": time.perf_counter() - started}
-            # What the stage-2 loss saw (rank 0's micro-batches): margins, saturation.
-            record.update(getattr(objective, "diagnostics", dict)())
+            record.update(seen)
             log.write(json.dumps(record) + "\n")
             log.flush()
             progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{throughput:.1f}")
