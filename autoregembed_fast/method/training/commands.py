@@ -274,13 +274,13 @@ def add_memory_flags(parser, prefix: str = "", defaults: dict | None = None) -> 
                                 help=help_text)
 
 
-def memory_settings_of(args, base=None, prefix: str = "") -> MemorySettings:
-    """The MemorySettings of parsed `add_memory_flags` flags (and `--k`); a memory norm of
-    "embedding" is resolved against the base model."""
-    values = {f.name: getattr(args, prefix + f.name) for f in memory_fields()}
+def memory_settings_of(args, base) -> MemorySettings:
+    """The MemorySettings of `train compress`'s parsed flags (`add_memory_flags` and `--k`); a memory
+    norm of "embedding" is resolved against the base model."""
+    values = {f.name: getattr(args, f.name) for f in memory_fields()}
     if values["memory_norm"] == "embedding":
         values["memory_norm"] = embedding_norm(base)
-    return MemorySettings(k=getattr(args, "k", MemorySettings.k), **values)
+    return MemorySettings(k=args.k, **values)
 
 
 def memory_flags(args, prefix: str = "") -> list[str]:
