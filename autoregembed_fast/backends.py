@@ -104,27 +104,34 @@ class CpuBackend:
     def _bf16_gemm(weight: torch.Tensor) -> bool:
         return weight.dtype == torch.bfloat16 and cpu_bf16_gemm()
 
+    def _options(self, weight, softcap):
+        return self.extension().SweepOptions(softcap=softcap or 0.0,
+                                             block_rows=self._block_rows(weight),
+                                             bf16_gemm=self._bf16_gemm(weight))
+
     def forward(self, hidden, weight, bias, targets, softcap, with_jacobian):
-        logp, lse, jacobian, _, _ = self.extension().token_logprobs_forward_cpu(
-            hidden, weight, bias, targets, softcap or 0.0, with_jacobian, False,
-            self._block_rows(weight), self._bf16_gemm(weight)
-        )
+        C = self.extension()
+        logp, lse, jacobian, _, _ = C.token_logprobs_forward_cpu(
+            hidden, weight, bias, targets, C.Gradients(hidden=with_jacobian),
+            self._options(weight, softcap))
         return logp, lse, jacobian
 
     def summed_grads(self, hidden, weight, bias, targets, softcap, need_hidden, need_head):
         """One sweep, 3 GEMMs per block: logits, then G @ W and G^T @ H from the coefficients G."""
-        logp, _, grad_hidden, grad_weight, grad_bias = self.extension().token_logprobs_forward_cpu(
-            hidden, weight, bias, targets, softcap or 0.0, need_hidden, need_head,
-            self._block_rows(weight), self._bf16_gemm(weight)
-        )
+        C = self.extension()
+        gradients = C.Gradients(hidden=need_hidden, weight=need_head,
+                                bias=need_head and bias is not None)
+        logp, _, grad_hidden, grad_weight, grad_bias = C.token_logprobs_forward_cpu(
+            hidden, weight, bias, targets, gradients, self._options(weight, softcap))
         return logp, grad_hidden, grad_weight, grad_bias
 
     def backward(self, hidden, weight, bias, targets, lse, grad_logp, softcap, need_hidden,
                  need_weight, need_bias):
-        grads = self.extension().token_logprobs_backward_cpu(
-            hidden, weight, bias, targets, lse, grad_logp, softcap or 0.0,
-            need_hidden, need_weight, need_bias, self._block_rows(weight), self._bf16_gemm(weight),
-        )
+        C = self.extension()
+        grads = C.token_logprobs_backward_cpu(
+            hidden, weight, bias, targets, lse, grad_logp,
+            C.Gradients(hidden=need_hidden, weight=need_weight, bias=need_bias),
+            self._options(weight, softcap))
         return tuple(grads)
 
 

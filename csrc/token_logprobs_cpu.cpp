@@ -19,7 +19,6 @@
 #include "bf16_gemm_cpu.h"
 
 #include <algorithm>
-#include <type_traits>
 
 #include "row_epilogue.h"
 
@@ -27,6 +26,12 @@
 #define AEF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define AEF_CPU_CLONES
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AEF_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#else
+#define AEF_BF16_TARGET
 #endif
 
 namespace autoregembed_fast {
@@ -48,12 +53,11 @@ void coefficients_row(double* z, int64_t V, double cap, int64_t target, double l
   logprob_grad_coefficients(z, V, cap, target, lse, scale, z);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
 // The gradient coefficients rounded to bf16 into out, for the bf16 GEMMs: formed in fp32 by slices
 // that stay in L1 and rounded from there, so that neither G in fp32 nor a rounding pass over it goes
 // through memory (the logits row is only read).
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void coefficients_row_to_bf16(
-    const float* z, int64_t V, float cap, int64_t target, float lse, float scale, at::BFloat16* out) {
+AEF_BF16_TARGET void coefficients_row_to_bf16(const float* z, int64_t V, float cap, int64_t target,
+                                              float lse, float scale, at::BFloat16* out) {
   constexpr int64_t SLICE = 1024;
   alignas(64) float slice[SLICE];
   for (int64_t v0 = 0; v0 < V; v0 += SLICE) {
@@ -62,114 +66,122 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void coefficients_row_to_
     round_to_bf16(slice, n, out + v0);
   }
 }
-#endif
 
-at::ScalarType accumulation_type(const at::Tensor& hidden) {
-  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The GEMMs of a block come from one of two strategies with the same interface, picked once per call
+// (with_head_gemms):
+//   logits(block, hidden_rows)                      block <- hidden_rows @ W^T (+ bias)
+//   write_coefficients(z, r, cap, target, lse, s)   row r of the block's coefficients G,
+//                                                   s * d log p[target] / d logits, from capped z
+//   coefficients_times_head(out, block)             out [rows, d] <- G @ W (Jacobian rows or dH)
+//   add_weight_gradient(grad_weight, block, hidden_rows)   grad_weight += G^T @ hidden_rows
+// After write_coefficients, the block buffer holds G in the accumulation dtype whenever a bias
+// gradient is asked for (its column sums are taken there).
 
-// The GEMMs of a block: ATen's in the accumulation dtype on the upcast head, or, for bf16 inputs on an
-// AVX512-BF16 CPU, bf16_gemm on the bf16 head packed once per call (two packed copies: no fp32 copy).
-// A block's gradient coefficients G, written row by row through write_coefficients, lie over its
-// logits on the first route and in one bf16 buffer [rows, V rounded up to even] on the second, where
-// they are rounded to bf16 as in eager bf16 autograd (the GEMMs' sums stay fp32).
-class HeadGemms {
+// ATen's GEMMs in the accumulation dtype acc_t on the head upcast once per call; G lies over the
+// logits.
+template <typename acc_t>
+class AtenHeadGemms {
+ public:
+  AtenHeadGemms(const at::Tensor& weight, const c10::optional<at::Tensor>& bias)
+      : vocab_(weight.size(0)), weight_(weight.to(scalar_type()).contiguous()) {
+    if (bias.has_value()) bias_ = bias->to(scalar_type()).contiguous();
+  }
+
+  static at::ScalarType scalar_type() { return c10::CppTypeToScalarType<acc_t>::value; }
+  int64_t vocab() const { return vocab_; }
+
+  void logits(at::Tensor& block, const at::Tensor& hidden_rows) const {
+    const at::Tensor rows = hidden_rows.to(scalar_type());
+    if (bias_.has_value()) {
+      at::addmm_out(block, *bias_, rows, weight_.t());
+    } else {
+      at::mm_out(block, rows, weight_.t());
+    }
+  }
+
+  void write_coefficients(acc_t* z, int64_t, acc_t cap, int64_t target, acc_t lse,
+                          acc_t scale) const {
+    coefficients_row(z, vocab_, cap, target, lse, scale);
+  }
+
+  void coefficients_times_head(at::Tensor& out, const at::Tensor& block) const {
+    at::mm_out(out, block, weight_);
+  }
+
+  void add_weight_gradient(at::Tensor& grad_weight, const at::Tensor& block,
+                           const at::Tensor& hidden_rows) const {
+    grad_weight.addmm_(block.t(), hidden_rows.to(scalar_type()));
+  }
+
+ private:
+  int64_t vocab_;
+  at::Tensor weight_;
+  c10::optional<at::Tensor> bias_;
+};
+
+// bf16_gemm (bf16_gemm_cpu.h) on the bf16 head packed once per call (two packed copies, no fp32
+// copy), for bf16 inputs on a CPU with AVX512-BF16; fp32 logits. G is rounded to bf16, as in eager
+// bf16 autograd (the GEMMs' sums stay fp32), into one buffer [rows, V rounded up to even]; with a bias
+// gradient it is also kept in fp32 over the logits (a column sum of bf16-rounded G lost ~0.3 %).
+class Bf16HeadGemms {
  public:
   // coefficient_gemm: G @ W will be asked for; coefficient_rows: the most rows of a block whose
-  // coefficients are written (0: none); bias_gradient: the column sums of G will be asked for (G is
-  // then also kept in fp32 over the logits on the bf16 route: a sum of bf16-rounded G lost ~0.3 %).
-  HeadGemms(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::ScalarType acc,
-            bool bf16, bool coefficient_gemm, int64_t coefficient_rows, bool bias_gradient)
-      : bf16_(bf16), fp32_coefficients_(!bf16 || bias_gradient), vocab_(weight.size(0)),
-        hidden_size_(weight.size(1)) {
-    if (bias.has_value()) bias_acc_ = bias->to(acc).contiguous();
-    if (!bf16_) {
-      weight_acc_ = weight.to(acc).contiguous();
-      return;
-    }
+  // coefficients are written (0: none).
+  Bf16HeadGemms(const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                bool coefficient_gemm, int64_t coefficient_rows, bool bias_gradient)
+      : fp32_coefficients_(bias_gradient), vocab_(weight.size(0)), hidden_size_(weight.size(1)) {
     TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16(),
                 "token_logprobs_cpu: bf16_gemm needs bf16 inputs and a CPU with AVX512-BF16");
+    if (bias.has_value()) bias_ = bias->to(at::kFloat).contiguous();
     packed_for_logits_ = pack_bf16_right_operand(weight.t());
     if (coefficient_gemm) packed_for_coefficients_ = pack_bf16_right_operand(weight);
     // One buffer for every block of the call (a fresh one per block cost ~30 ms of page faults each
     // at 64 MiB); zeros, so that an odd V's pad column stays 0 in the sums over V.
     if (coefficient_rows > 0) {
-      coefficients_bf16_ = at::zeros({coefficient_rows, vocab_ + vocab_ % 2},
-                                     weight.options().dtype(at::kBFloat16));
+      coefficients_ = at::zeros({coefficient_rows, width()}, weight.options());
     }
   }
 
-  // logits <- hidden_rows @ W^T (+ bias), into the block buffer (accumulation dtype).
+  int64_t vocab() const { return vocab_; }
+
   void logits(at::Tensor& block, const at::Tensor& hidden_rows) const {
-    if (!bf16_) {
-      const at::Tensor rows = hidden_rows.to(weight_acc_.scalar_type());
-      if (bias_acc_.has_value()) {
-        at::addmm_out(block, *bias_acc_, rows, weight_acc_.t());
-      } else {
-        at::mm_out(block, rows, weight_acc_.t());
-      }
-      return;
-    }
     const at::Tensor left = even_width(hidden_rows);
     bf16_gemm(left.data_ptr<at::BFloat16>(), left.size(1), packed_for_logits_, block.size(0), vocab_,
               left.size(1), block.data_ptr<float>(), vocab_, false,
-              bias_acc_.has_value() ? bias_acc_->data_ptr<float>() : nullptr);
+              bias_.has_value() ? bias_->data_ptr<float>() : nullptr);
   }
 
-  // Row r of the block's coefficients, scale * d log p[target] / d logits, from its capped logits z.
-  template <typename acc_t>
-  void write_coefficients(acc_t* z, int64_t r, acc_t cap, int64_t target, acc_t lse,
-                          acc_t scale) const {
-    if (fp32_coefficients_) coefficients_row(z, vocab_, cap, target, lse, scale);
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (!bf16_) return;
-      at::BFloat16* out = coefficients_bf16_.data_ptr<at::BFloat16>() + r * bf16_width();
-      if (fp32_coefficients_) {
-        round_to_bf16(z, vocab_, out);
-        return;
-      }
-#if defined(__x86_64__) && defined(__GNUC__)
+  void write_coefficients(float* z, int64_t r, float cap, int64_t target, float lse,
+                          float scale) const {
+    at::BFloat16* out = coefficients_.data_ptr<at::BFloat16>() + r * width();
+    if (fp32_coefficients_) {
+      coefficients_row(z, vocab_, cap, target, lse, scale);
+      round_to_bf16(z, vocab_, out);
+    } else {
       coefficients_row_to_bf16(z, vocab_, cap, target, lse, scale, out);
-#else
-      // The constructor refuses the bf16 route without AVX512-BF16, so this is never reached.
-      TORCH_CHECK(false, "token_logprobs_cpu: the bf16 GEMM route exists on x86 only");
-#endif
     }
   }
 
-  // out [rows, d] <- G @ W: the Jacobian rows (or dH).
   void coefficients_times_head(at::Tensor& out, const at::Tensor& block) const {
-    if (!bf16_) {
-      at::mm_out(out, block, weight_acc_);
-      return;
-    }
-    bf16_gemm(coefficients_bf16_.data_ptr<at::BFloat16>(), bf16_width(), packed_for_coefficients_,
-              block.size(0), hidden_size_, bf16_width(), out.data_ptr<float>(), hidden_size_, false,
+    bf16_gemm(coefficients_.data_ptr<at::BFloat16>(), width(), packed_for_coefficients_,
+              block.size(0), hidden_size_, width(), out.data_ptr<float>(), hidden_size_, false,
               nullptr);
   }
 
-  // grad_weight += G^T @ hidden_rows, grad_bias += column sums of G (from G in fp32 over the block).
-  void add_head_gradients(at::Tensor& grad_weight, at::Tensor& grad_bias, const at::Tensor& block,
-                          const at::Tensor& hidden_rows) const {
-    if (grad_bias.defined()) grad_bias.add_(block.sum(0));
-    if (!grad_weight.defined()) return;
-    if (!bf16_) {
-      grad_weight.addmm_(block.t(), hidden_rows.to(block.scalar_type()));
-      return;
-    }
+  // G^T [V, rows] is the left operand and the hidden rows [rows, d] the packed right one.
+  void add_weight_gradient(at::Tensor& grad_weight, const at::Tensor& block,
+                           const at::Tensor& hidden_rows) const {
     const int64_t rows = block.size(0);
-    const at::Tensor coefficients = coefficients_bf16_.narrow(0, 0, rows);
-    // G^T [V, rows] is the left operand and the hidden rows [rows, d] the packed right one. The
-    // transposed buffer is sized by the first (largest) block and serves the call's every block.
-    const int64_t width = rows + rows % 2;
-    if (!transposed_coefficients_bf16_.defined()) {
-      transposed_coefficients_bf16_ = at::empty({vocab_, width}, coefficients.options());
+    const int64_t padded_rows = rows + rows % 2;
+    // Sized by the first (largest) block, it serves the call's every block.
+    if (!transposed_coefficients_.defined()) {
+      transposed_coefficients_ = at::empty({vocab_, padded_rows}, coefficients_.options());
     }
-    const int64_t ld = transposed_coefficients_bf16_.size(1);
-    at::BFloat16* transposed = transposed_coefficients_bf16_.data_ptr<at::BFloat16>();
-    transpose_bf16(coefficients.data_ptr<at::BFloat16>(), rows, vocab_, bf16_width(), transposed, ld);
-    bf16_gemm(transposed, ld, pack_bf16_right_operand(hidden_rows), vocab_, hidden_size_, width,
-              grad_weight.data_ptr<float>(), hidden_size_, true, nullptr);
+    const int64_t ld = transposed_coefficients_.size(1);
+    at::BFloat16* transposed = transposed_coefficients_.data_ptr<at::BFloat16>();
+    transpose_bf16(coefficients_.data_ptr<at::BFloat16>(), rows, vocab_, width(), transposed, ld);
+    bf16_gemm(transposed, ld, pack_bf16_right_operand(hidden_rows), vocab_, hidden_size_,
+              padded_rows, grad_weight.data_ptr<float>(), hidden_size_, true, nullptr);
   }
 
  private:
@@ -178,164 +190,165 @@ class HeadGemms {
     return rows.size(1) % 2 ? at::constant_pad_nd(rows, {0, 1}) : rows.contiguous();
   }
 
-  int64_t bf16_width() const { return vocab_ + vocab_ % 2; }
+  int64_t width() const { return vocab_ + vocab_ % 2; }
 
-  bool bf16_;
-  bool fp32_coefficients_;  // G over the logits (always on the fp32 route)
+  bool fp32_coefficients_;
   int64_t vocab_, hidden_size_;
-  at::Tensor weight_acc_;
-  c10::optional<at::Tensor> bias_acc_;
+  c10::optional<at::Tensor> bias_;
   at::Tensor packed_for_logits_, packed_for_coefficients_;
-  at::Tensor coefficients_bf16_;  // [most rows of a block, V rounded up to even], the pad column 0
-  mutable at::Tensor transposed_coefficients_bf16_;  // [V, block rows rounded up to even]
+  at::Tensor coefficients_;  // [most rows of a block, V rounded up to even], the pad column 0
+  mutable at::Tensor transposed_coefficients_;  // [V, block rows rounded up to even]
 };
 
-void check_internal_inputs(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    int64_t block_rows) {
+// Calls body(gemms, cap) with the call's strategy and the softcap in its accumulation dtype: float64
+// for float64 inputs (so that gradcheck is meaningful), float32 for every other dtype.
+template <typename Body>
+void with_head_gemms(const at::Tensor& hidden, const at::Tensor& weight,
+                     const c10::optional<at::Tensor>& bias, const Gradients& gradients,
+                     const SweepOptions& options, Body body) {
+  const int64_t coefficient_rows =
+      gradients.any() ? std::min(options.block_rows, hidden.size(0)) : 0;
+  if (options.bf16_gemm) {
+    body(Bf16HeadGemms(weight, bias, gradients.hidden, coefficient_rows, gradients.bias),
+         static_cast<float>(options.softcap));
+  } else if (hidden.scalar_type() == at::kDouble) {
+    body(AtenHeadGemms<double>(weight, bias), options.softcap);
+  } else {
+    body(AtenHeadGemms<float>(weight, bias), static_cast<float>(options.softcap));
+  }
+}
+
+// The outputs a sweep adds to block by block; each undefined unless asked for.
+struct GradientOutputs {
+  at::Tensor hidden;  // [N, d]: d log p / d hidden (forward) or grad hidden (backward)
+  at::Tensor weight;  // [V, d], zeros to start
+  at::Tensor bias;    // [V], zeros to start
+};
+
+// The block loop of both entry points. Per block of at most block_rows rows: the logits GEMM, the
+// softcap and row_epilogue(row, r, token) on each row in parallel (r the row in the block, token its
+// index in hidden), which writes the row's coefficients through gemms when a gradient is asked for;
+// then the gradients from the block's coefficients: G @ W, G^T @ H and G's column sums.
+template <typename acc_t, typename Gemms, typename RowEpilogue>
+void sweep_blocks(const at::Tensor& hidden, const Gemms& gemms, acc_t cap, int64_t block_rows,
+                  GradientOutputs& outputs, const RowEpilogue& row_epilogue) {
+  const int64_t N = hidden.size(0), V = gemms.vocab();
+  at::Tensor logits = at::empty({std::min(block_rows, N), V},
+                                hidden.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  for (int64_t start = 0; start < N; start += block_rows) {
+    const int64_t rows = std::min(block_rows, N - start);
+    at::Tensor block = logits.narrow(0, 0, rows);
+    const at::Tensor hidden_rows = hidden.narrow(0, start, rows);
+    gemms.logits(block, hidden_rows);
+    acc_t* z = block.data_ptr<acc_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        acc_t* row = z + r * V;
+        if (cap > 0) softcap_row(row, V, cap);
+        row_epilogue(row, r, start + r);
+      }
+    });
+    if (outputs.hidden.defined()) {
+      at::Tensor hidden_gradient_rows = outputs.hidden.narrow(0, start, rows);
+      gemms.coefficients_times_head(hidden_gradient_rows, block);
+    }
+    if (outputs.bias.defined()) outputs.bias.add_(block.sum(0));
+    if (outputs.weight.defined()) gemms.add_weight_gradient(outputs.weight, block, hidden_rows);
+  }
+}
+
+at::ScalarType accumulation_type(const at::Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_internal_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
+                           const Gradients& gradients, const SweepOptions& options) {
   // The Python layer validates user input; these guard the C++ entry points against misuse.
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
               "token_logprobs_cpu: expected hidden [N, d] and weight [V, d]");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) &&
                   targets.scalar_type() == at::kLong,
               "token_logprobs_cpu: expected int64 targets [N]");
-  TORCH_CHECK(block_rows > 0, "token_logprobs_cpu: block_rows must be positive");
+  TORCH_CHECK(options.block_rows > 0, "token_logprobs_cpu: block_rows must be positive");
+  TORCH_CHECK(!gradients.bias || bias.has_value(),
+              "token_logprobs_cpu: a bias gradient was asked for without a bias");
   TORCH_CHECK(targets.numel() == 0 ||
                   (targets.min().item<int64_t>() >= 0 &&
                    targets.max().item<int64_t>() < weight.size(0)),
               "token_logprobs_cpu: targets must lie in [0, V)");
 }
 
-template <typename acc_t>
-void forward_impl(
-    const at::Tensor& hidden, const HeadGemms& gemms, int64_t V, const at::Tensor& targets, acc_t cap,
-    int64_t block_rows, at::Tensor& logp, at::Tensor& lse, at::Tensor& jacobian,
-    at::Tensor& grad_weight, at::Tensor& grad_bias) {
-  const int64_t N = hidden.size(0);
-  // Each row's gradient coefficients d log p / d logits are written (HeadGemms::write_coefficients)
-  // when any gradient is formed here: the Jacobian (G @ W) and the head's gradients of sum(log p)
-  // (G^T @ H, sum of G).
-  const bool coefficients = jacobian.defined() || grad_weight.defined() || grad_bias.defined();
-  at::Tensor logits = at::empty({std::min(block_rows, N), V}, logp.options());
-  const int64_t* target_ptr = targets.data_ptr<int64_t>();
-  acc_t* lse_ptr = lse.data_ptr<acc_t>();
-  acc_t* logp_ptr = logp.data_ptr<acc_t>();
-  for (int64_t start = 0; start < N; start += block_rows) {
-    const int64_t rows = std::min(block_rows, N - start);
-    at::Tensor block = logits.narrow(0, 0, rows);
-    const at::Tensor hidden_rows = hidden.narrow(0, start, rows);
-    gemms.logits(block, hidden_rows);
-    acc_t* z = block.data_ptr<acc_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t token = start + r;
-        acc_t* row = z + r * V;
-        if (cap > 0) softcap_row(row, V, cap);
-        const acc_t row_lse = logsumexp_row(row, V);
-        lse_ptr[token] = row_lse;
-        logp_ptr[token] = row[target_ptr[token]] - row_lse;
-        if (coefficients) gemms.write_coefficients(row, r, cap, target_ptr[token], row_lse, acc_t(1));
-      }
-    });
-    if (jacobian.defined()) {
-      at::Tensor jacobian_rows = jacobian.narrow(0, start, rows);
-      gemms.coefficients_times_head(jacobian_rows, block);
-    }
-    gemms.add_head_gradients(grad_weight, grad_bias, block, hidden_rows);
-  }
-}
-
-template <typename acc_t>
-void backward_impl(
-    const at::Tensor& hidden, const HeadGemms& gemms, int64_t V, const at::Tensor& targets,
-    const at::Tensor& lse, const at::Tensor& grad_logp, acc_t cap, int64_t block_rows,
-    at::Tensor& grad_hidden, at::Tensor& grad_weight, at::Tensor& grad_bias) {
-  const int64_t N = hidden.size(0);
-  at::Tensor logits = at::empty({std::min(block_rows, N), V}, lse.options());
-  const int64_t* target_ptr = targets.data_ptr<int64_t>();
-  const acc_t* lse_ptr = lse.data_ptr<acc_t>();
-  const acc_t* grad_ptr = grad_logp.data_ptr<acc_t>();
-  for (int64_t start = 0; start < N; start += block_rows) {
-    const int64_t rows = std::min(block_rows, N - start);
-    at::Tensor block = logits.narrow(0, 0, rows);
-    const at::Tensor hidden_rows = hidden.narrow(0, start, rows);
-    gemms.logits(block, hidden_rows);
-    acc_t* z = block.data_ptr<acc_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t token = start + r;
-        acc_t* row = z + r * V;
-        if (cap > 0) softcap_row(row, V, cap);
-        gemms.write_coefficients(row, r, cap, target_ptr[token], lse_ptr[token], grad_ptr[token]);
-      }
-    });
-    if (grad_hidden.defined()) {
-      at::Tensor grad_hidden_rows = grad_hidden.narrow(0, start, rows);
-      gemms.coefficients_times_head(grad_hidden_rows, block);
-    }
-    gemms.add_head_gradients(grad_weight, grad_bias, block, hidden_rows);
-  }
+GradientOutputs gradient_outputs(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const Gradients& gradients) {
+  const auto options = hidden.options().dtype(accumulation_type(hidden));
+  GradientOutputs outputs;
+  if (gradients.hidden) outputs.hidden = at::empty({hidden.size(0), weight.size(1)}, options);
+  if (gradients.weight) outputs.weight = at::zeros(weight.sizes(), options);
+  if (gradients.bias) outputs.bias = at::zeros({weight.size(0)}, options);
+  return outputs;
 }
 
 }  // namespace
 
 std::vector<at::Tensor> token_logprobs_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double softcap, bool with_jacobian, bool with_head_grads,
-    int64_t block_rows, bool bf16_gemm) {
-  check_internal_inputs(hidden, weight, targets, block_rows);
-  const at::ScalarType acc = accumulation_type(hidden);
-  const at::Tensor targets_c = targets.contiguous();
+    const at::Tensor& targets, const Gradients& gradients, const SweepOptions& options) {
+  check_internal_inputs(hidden, weight, bias, targets, gradients, options);
   const int64_t N = hidden.size(0);
-  const auto options = hidden.options().dtype(acc);
-  at::Tensor logp = at::empty({N}, options);
-  at::Tensor lse = at::empty({N}, options);
-  at::Tensor jacobian = with_jacobian ? at::empty({N, weight.size(1)}, options) : at::Tensor();
-  at::Tensor grad_weight = with_head_grads ? at::zeros(weight.sizes(), options) : at::Tensor();
-  at::Tensor grad_bias =
-      with_head_grads && bias.has_value() ? at::zeros({weight.size(0)}, options) : at::Tensor();
-  if (N == 0) return {logp, lse, jacobian, grad_weight, grad_bias};
-  const bool coefficients = with_jacobian || with_head_grads;
-  const HeadGemms gemms(weight, bias, acc, bf16_gemm, with_jacobian,
-                        coefficients ? std::min(block_rows, N) : 0, grad_bias.defined());
-  if (acc == at::kDouble) {
-    forward_impl<double>(hidden, gemms, weight.size(0), targets_c, softcap, block_rows, logp, lse,
-                         jacobian, grad_weight, grad_bias);
-  } else {
-    forward_impl<float>(hidden, gemms, weight.size(0), targets_c, static_cast<float>(softcap),
-                        block_rows, logp, lse, jacobian, grad_weight, grad_bias);
+  const auto acc_options = hidden.options().dtype(accumulation_type(hidden));
+  at::Tensor logp = at::empty({N}, acc_options);
+  at::Tensor lse = at::empty({N}, acc_options);
+  GradientOutputs outputs = gradient_outputs(hidden, weight, gradients);
+  if (N > 0) {
+    const at::Tensor targets_c = targets.contiguous();
+    with_head_gemms(hidden, weight, bias, gradients, options, [&](const auto& gemms, auto cap) {
+      using acc_t = decltype(cap);
+      const int64_t V = gemms.vocab();
+      const int64_t* target_ptr = targets_c.data_ptr<int64_t>();
+      acc_t* lse_ptr = lse.data_ptr<acc_t>();
+      acc_t* logp_ptr = logp.data_ptr<acc_t>();
+      const bool coefficients = gradients.any();
+      sweep_blocks(hidden, gemms, cap, options.block_rows, outputs,
+                   [&](acc_t* row, int64_t r, int64_t token) {
+                     const acc_t row_lse = logsumexp_row(row, V);
+                     lse_ptr[token] = row_lse;
+                     logp_ptr[token] = row[target_ptr[token]] - row_lse;
+                     if (coefficients) {
+                       gemms.write_coefficients(row, r, cap, target_ptr[token], row_lse, acc_t(1));
+                     }
+                   });
+    });
   }
-  return {logp, lse, jacobian, grad_weight, grad_bias};
+  return {logp, lse, outputs.hidden, outputs.weight, outputs.bias};
 }
 
 std::vector<at::Tensor> token_logprobs_backward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad_logp, double softcap,
-    bool need_hidden, bool need_weight, bool need_bias, int64_t block_rows, bool bf16_gemm) {
-  check_internal_inputs(hidden, weight, targets, block_rows);
-  const at::ScalarType acc = accumulation_type(hidden);
-  TORCH_CHECK(lse.scalar_type() == acc && grad_logp.scalar_type() == acc,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad_logp,
+    const Gradients& gradients, const SweepOptions& options) {
+  check_internal_inputs(hidden, weight, bias, targets, gradients, options);
+  TORCH_CHECK(lse.scalar_type() == accumulation_type(hidden) &&
+                  grad_logp.scalar_type() == accumulation_type(hidden),
               "token_logprobs_cpu: lse and grad_logp must be in the accumulation dtype");
-  const auto options = hidden.options().dtype(acc);
-  const int64_t N = hidden.size(0);
-  at::Tensor grad_hidden = need_hidden ? at::empty({N, weight.size(1)}, options) : at::Tensor();
-  at::Tensor grad_weight = need_weight ? at::zeros(weight.sizes(), options) : at::Tensor();
-  at::Tensor grad_bias = need_bias ? at::zeros({weight.size(0)}, options) : at::Tensor();
-  if (N == 0) return {grad_hidden, grad_weight, grad_bias};
-  const at::Tensor targets_c = targets.contiguous();
-  const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor grad_c = grad_logp.contiguous();
-  const HeadGemms gemms(weight, bias, acc, bf16_gemm, need_hidden, std::min(block_rows, N),
-                        need_bias);
-  if (acc == at::kDouble) {
-    backward_impl<double>(hidden, gemms, weight.size(0), targets_c, lse_c, grad_c, softcap,
-                          block_rows, grad_hidden, grad_weight, grad_bias);
-  } else {
-    backward_impl<float>(hidden, gemms, weight.size(0), targets_c, lse_c, grad_c,
-                         static_cast<float>(softcap), block_rows, grad_hidden, grad_weight,
-                         grad_bias);
+  GradientOutputs outputs = gradient_outputs(hidden, weight, gradients);
+  if (hidden.size(0) > 0 && gradients.any()) {
+    const at::Tensor targets_c = targets.contiguous();
+    const at::Tensor lse_c = lse.contiguous();
+    const at::Tensor grad_c = grad_logp.contiguous();
+    with_head_gemms(hidden, weight, bias, gradients, options, [&](const auto& gemms, auto cap) {
+      using acc_t = decltype(cap);
+      const int64_t* target_ptr = targets_c.data_ptr<int64_t>();
+      const acc_t* lse_ptr = lse_c.data_ptr<acc_t>();
+      const acc_t* grad_ptr = grad_c.data_ptr<acc_t>();
+      sweep_blocks(hidden, gemms, cap, options.block_rows, outputs,
+                   [&](acc_t* row, int64_t r, int64_t token) {
+                     gemms.write_coefficients(row, r, cap, target_ptr[token], lse_ptr[token],
+                                              grad_ptr[token]);
+                   });
+    });
   }
-  return {grad_hidden, grad_weight, grad_bias};
+  return {outputs.hidden, outputs.weight, outputs.bias};
 }
 
 }  // namespace autoregembed_fast
