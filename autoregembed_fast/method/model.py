@@ -3,6 +3,7 @@ tokens are a text's memory embeddings; saved and reloaded with its settings."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,29 @@ class MemorySettings:
             raise ValueError(f"k must be at least 1, got {self.k}")
         if self.memory_norm is not None and not self.memory_norm > 0:
             raise ValueError(f"memory_norm must be positive or None, got {self.memory_norm!r}")
+
+
+def layers_and_final_norm(base_model) -> tuple[nn.ModuleList, nn.Module]:
+    """The decoder layers and the final norm of a Hugging Face base model (Llama, Mistral, Qwen,
+    Gemma... name them `layers` and `norm`)."""
+    layers, norm = getattr(base_model, "layers", None), getattr(base_model, "norm", None)
+    if not isinstance(layers, nn.ModuleList) or not isinstance(norm, nn.Module):
+        raise ValueError(f"memory_layer needs a base model with `layers` and a final `norm` (as "
+                         f"Llama's); {type(base_model).__name__} has not")
+    return layers, norm
+
+
+@contextlib.contextmanager
+def first_layers_only(base_model, count: int):
+    """Within the block, base_model runs its first `count` layers and no final norm: its
+    last_hidden_state is layer `count`'s output, which its full forward returns as
+    hidden_states[count]."""
+    layers, norm = layers_and_final_norm(base_model)
+    base_model.layers, base_model.norm = layers[:count], nn.Identity()
+    try:
+        yield
+    finally:
+        base_model.layers, base_model.norm = layers, norm
 
 
 def compress_token(i: int) -> str:
@@ -99,6 +123,12 @@ class AutoRegEmbed(nn.Module):
         head = encoder.get_output_embeddings()
         if head is not None and head.weight is not encoder.get_input_embeddings().weight:
             head.requires_grad_(False)
+        # Likewise the layers above an inner memory layer and the final norm: they cannot reach the
+        # memory, and `_hidden_states` does not run them.
+        if settings.memory_layer is not None:
+            layers, norm = layers_and_final_norm(encoder.base_model)
+            layers[settings.memory_layer:].requires_grad_(False)
+            norm.requires_grad_(False)
 
     @classmethod
     def from_base(cls, encoder, tokenizer, settings: MemorySettings = MemorySettings(),
@@ -163,11 +193,13 @@ class AutoRegEmbed(nn.Module):
 
     def _hidden_states(self, **inputs) -> torch.Tensor:
         """The encoder's states the memory is read from: its last hidden states, or `memory_layer`'s
-        output."""
+        output, from the layers up to it alone (the layer-15 memory of a 30-layer model costs half
+        a forward)."""
+        base = self.encoder.base_model
         if self.memory_layer is None:
-            return self.encoder.base_model(**inputs, use_cache=False).last_hidden_state
-        outputs = self.encoder.base_model(**inputs, use_cache=False, output_hidden_states=True)
-        return outputs.hidden_states[self.memory_layer]
+            return base(**inputs, use_cache=False).last_hidden_state
+        with first_layers_only(base, self.memory_layer):
+            return base(**inputs, use_cache=False).last_hidden_state
 
     def tokenize_texts(self, texts: list[str], prompt: str | None = None, max_tokens: int = 512):
         """[bos] + prompt.format(text=...) for each text, right-padded: (ids, mask)."""

@@ -65,6 +65,32 @@ def test_compress_of_a_batch_equals_each_text_alone(monkeypatch, tmp_path, layou
         assert (batch_grad - alone_grad).abs().max() <= 1e-5 * alone_grad.abs().max()
 
 
+def test_an_inner_memory_layer_runs_and_trains_only_the_layers_up_to_it(tmp_path):
+    """memory_layer 1 of the tiny model's 2 layers: layer 2 and the final norm neither run in
+    compress nor train, the memory is the encoder's full forward's hidden_states[1] at the compress
+    tokens, and the encoder has its own modules back after the call."""
+    encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
+    model = AutoRegEmbed.from_base(encoder, tokenizer, MemorySettings(k=2, memory_layer=1))
+    base = encoder.base_model
+    layers, norm = base.layers, base.norm
+    ran = []
+    layers[1].register_forward_hook(lambda *_: ran.append("layer 2"))
+    norm.register_forward_hook(lambda *_: ran.append("norm"))
+    ids = torch.randint(0, 50, (1, 6))
+
+    memory = model(ids, torch.ones_like(ids), packed=False)
+
+    assert ran == []
+    assert base.layers is layers and len(layers) == 2 and base.norm is norm
+    assert all(p.requires_grad for p in layers[0].parameters())
+    assert not any(p.requires_grad for p in [*layers[1].parameters(), *norm.parameters()])
+    inputs = torch.cat([encoder.get_input_embeddings()(ids)[0], model.compress_embeddings])
+    with torch.no_grad():
+        full = base(inputs_embeds=inputs[None], output_hidden_states=True).hidden_states[1]
+    assert ran == ["layer 2", "norm"]
+    torch.testing.assert_close(memory.detach()[0], full[0, -2:], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [0, 2, -1])
 def test_memory_layer_must_be_an_inner_layer(tmp_path, bad):
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
