@@ -91,6 +91,17 @@ def test_an_inner_memory_layer_runs_and_trains_only_the_layers_up_to_it(tmp_path
     torch.testing.assert_close(memory.detach()[0], full[0, -2:], rtol=1e-6, atol=1e-6)
 
 
+def test_an_inner_memory_layer_needs_llama_style_layers_and_norm():
+    """GPT-2 names its layers `h` and its final norm `ln_f`: a clear error, not a wrong memory."""
+    from transformers import GPT2Config, GPT2Model
+
+    from autoregembed_fast.method.model import layers_and_final_norm
+
+    gpt2 = GPT2Model(GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+    with pytest.raises(ValueError, match="GPT2Model has not"):
+        layers_and_final_norm(gpt2)
+
+
 @pytest.mark.parametrize("bad", [0, 2, -1])
 def test_memory_layer_must_be_an_inner_layer(tmp_path, bad):
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
