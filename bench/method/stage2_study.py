@@ -58,6 +58,8 @@ SETTINGS = {
                                                                "--reference-scores", "none"],
     "averaged-1ep-2e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "2e-5", "--in-batch-negatives"],
     "averaged-1ep-5e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
+    "averaged-1ep-2e-5-in-batch-detached": AVERAGED + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives", "--detach-self-score"],
     "averaged-4ep-batch32-2e-5": AVERAGED + ["--epochs", "4", "--grad-accum", "4", "--lr", "2e-5"],
     "averaged-4ep-5e-6": AVERAGED + ["--epochs", "4", "--lr", "5e-6"],
 }

@@ -32,11 +32,15 @@ def test_no_code_reads_outside_the_repository():
     assert offenders == []
 
 
-def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
+def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     """Every step of the demo (split, baselines, stage 1 with its levers, reconstruction NLL,
     references, stage 2 with accumulation, contrastive, evaluation, plot) on a tiny base model;
-    the choice of bf16 is printed and recorded."""
+    the choice of bf16 is printed and recorded; the seed reaches every training."""
     import json
+
+    commands = []
+    run_command = demo.train.main
+    monkeypatch.setattr(demo.train, "main", lambda argv: (commands.append(argv), run_command(argv)))
 
     from tiny_models import save_tiny_base, stage2_rows, write_jsonl
 
@@ -55,7 +59,11 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
                          "--stage1-memory-layer", "1",
                          "--stage1-compress-token-lr", "1e-3", "--stage1-lr-schedule", "constant",
                          "--stage1-memory-norm", "none", "--stage2-steps", "2",
-                         "--stage2-grad-accum", "2", "--stage2-in-batch-negatives", "--bf16", "off"])
+                         "--stage2-grad-accum", "2", "--stage2-in-batch-negatives", "--bf16", "off",
+                         "--seed", "3"])
+    trainings = [argv for argv in commands if argv[0] in ("compress", "align")]
+    assert len(trainings) == 3
+    assert all(argv[argv.index("--seed") + 1] == "3" for argv in trainings)
     assert "bf16 autocast off: --bf16 off" in capsys.readouterr().out
     assert results["bf16"] == {"on": False, "why": "--bf16 off"}
     assert set(results["models"]) == {"untrained last-token prompt", "autoregembed stage 1",
@@ -76,6 +84,8 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys):
 
     trained = AutoRegEmbed.from_pretrained(out / "stage2" / "model")
     assert trained.bos_before_memory and trained.memory_layer == 1
+    # The contrastive baseline embeds the same way: stage 1's memory settings.
+    assert AutoRegEmbed.from_pretrained(out / "contrastive" / "model").settings == trained.settings
     contrastive_steps = [json.loads(line)["step"] for line in
                          (out / "contrastive" / "log.jsonl").read_text().splitlines()]
     assert contrastive_steps[-1] == 2 + 2 * 2  # equal optimizer steps x batch to both stages

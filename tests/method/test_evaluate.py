@@ -117,3 +117,48 @@ def test_embeddings_do_not_depend_on_batching(tmp_path):
         together = embed(texts)
         alone = torch.cat([embed([text]) for text in texts])
         assert torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_bf16_embeds_every_text_under_bf16_autocast(tmp_path, monkeypatch, bf16):
+    from autoregembed_fast.method import evaluate
+
+    base = save_tiny_base(tmp_path / "base")
+    triplets = write_jsonl(tmp_path / "triplets.jsonl", stage2_rows(6))
+    autocast_states = []
+    real_builder = evaluate.build_embedder
+
+    def recording_builder(*args):
+        embed = real_builder(*args)
+
+        def recording_embed(texts):
+            autocast_states.append((torch.is_autocast_enabled("cpu"),
+                                    torch.get_autocast_dtype("cpu")))
+            return embed(texts)
+        return recording_embed
+
+    monkeypatch.setattr(evaluate, "build_embedder", recording_builder)
+    results = main(["--encoder", str(base), "--triplets", str(triplets), "--bootstrap", "10"]
+                   + (["--bf16"] if bf16 else []))
+    assert results["bf16"] is bf16
+    assert len(autocast_states) == 3  # queries, positives, negatives
+    assert all(enabled is bf16 and dtype == torch.bfloat16 for enabled, dtype in autocast_states)
+
+
+def test_bf16_keeps_the_similarities_in_fp32(tmp_path, monkeypatch):
+    """Only the embedding runs under autocast: a positive at cosine 0.9000 beats a negative at 0.8990
+    (in bf16 both round to 0.8984, a tie that the triplet test counts as wrong)."""
+    from autoregembed_fast.method import evaluate
+
+    rows = [{"query": f"q{i}", "pos": f"p{i}", "neg": f"n{i}"} for i in range(4)]
+    triplets = write_jsonl(tmp_path / "triplets.jsonl", rows)
+
+    def at_cosine(cosine: float) -> torch.Tensor:
+        return torch.tensor([cosine, math.sqrt(1 - cosine**2)])
+
+    vectors = {"q": torch.tensor([1.0, 0.0]), "p": at_cosine(0.9), "n": at_cosine(0.899)}
+    monkeypatch.setattr(evaluate, "build_embedder",
+                        lambda *args: lambda texts: torch.stack([vectors[t[0]] for t in texts]))
+    for bf16 in ([], ["--bf16"]):
+        results = main(["--encoder", "unused", "--triplets", str(triplets), "--bootstrap", "10", *bf16])
+        assert results["triplet_accuracy"] == 1.0

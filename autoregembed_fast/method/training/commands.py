@@ -49,9 +49,8 @@ from autoregembed_fast.method.loading import (
     enable_gradient_checkpointing,
     frozen_decoder,
     load_causal_lm,
-    load_encoder,
 )
-from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings
+from autoregembed_fast.method.model import CONFIG_FILE, AutoRegEmbed, MemorySettings
 from autoregembed_fast.method.scoring import memory_for_decoder
 from autoregembed_fast.method.training.objectives import (
     AlignmentObjective,
@@ -135,7 +134,11 @@ def command_align(args) -> None:
     cluster = prepare(args)
     rows = read_alignment_rows(args.data)
     settings = tokenization_of(args)
-    model = load_encoder(args.encoder, args.k)
+    if Path(args.encoder, CONFIG_FILE).is_file():
+        model = AutoRegEmbed.from_pretrained(args.encoder)
+    else:
+        base, tokenizer = load_causal_lm(args.encoder)
+        model = AutoRegEmbed.from_base(base, tokenizer, memory_settings_of(args, base))
     if args.lora:
         add_lora(model, args.lora)
     if args.gradient_checkpointing:
@@ -260,25 +263,32 @@ def memory_fields():
 
 def add_memory_flags(parser, prefix: str = "", defaults: dict | None = None) -> None:
     """One flag per `MemorySettings` field but k (`--memory-layer`, ...; `prefix` "stage1-" makes
-    `--stage1-memory-layer`, ...), with the field's help; `defaults` overrides the released ones."""
+    `--stage1-memory-layer`, ...), with the field's help; `defaults` overrides the released ones
+    (`argparse.SUPPRESS`: the flag sets nothing unless given)."""
     defaults = defaults or {}
     for setting in memory_fields():
         flag = "--" + prefix + setting.name.replace("_", "-")
         default = defaults.get(setting.name, setting.default)
         help_text = setting.metadata["help"] + MEMORY_FLAG_NOTES.get(setting.name, "")
         if setting.name in MEMORY_FLAG_TYPES:
+            shown = "the released method's" if default is argparse.SUPPRESS else default
             parser.add_argument(flag, type=MEMORY_FLAG_TYPES[setting.name], default=default,
-                                help=f"{help_text} (default: {default})")
+                                help=f"{help_text} (default: {shown})")
         else:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
 
 
+def given_memory_settings(args) -> dict:
+    """The memory settings parsed flags set (all of them for `compress`; for `align`, those given)."""
+    return {f.name: getattr(args, f.name) for f in memory_fields() if hasattr(args, f.name)}
+
+
 def memory_settings_of(args, base) -> MemorySettings:
-    """The MemorySettings of `train compress`'s parsed flags (`add_memory_flags` and `--k`); a memory
-    norm of "embedding" is resolved against the base model."""
-    values = {f.name: getattr(args, f.name) for f in memory_fields()}
-    if values["memory_norm"] == "embedding":
+    """The MemorySettings of parsed `add_memory_flags` flags and `--k` (a setting not set: the
+    released method's); a memory norm of "embedding" is resolved against the base model."""
+    values = given_memory_settings(args)
+    if values.get("memory_norm") == "embedding":
         values["memory_norm"] = embedding_norm(base)
     return MemorySettings(k=args.k, **values)
 
@@ -329,10 +339,19 @@ def parse_args(argv=None):
                        help="the other rows' positives of the batch are negatives too, scored under "
                             "the query's memory with no reference term (not in the released code)")
     align.add_argument("--contrastive-temperature", type=float, default=0.05)
+    # For an encoder made from a base model (the contrastive baseline, or stage 2 without stage 1);
+    # a saved AutoRegEmbed keeps the settings it was trained with.
+    add_memory_flags(align, defaults={f.name: argparse.SUPPRESS for f in memory_fields()})
     add_common(align, training=True)
     args = parser.parse_args(argv)
     if args.command == "align" and args.objective == "autoregembed" and not args.decoder:
         parser.error("align --objective autoregembed needs --decoder")
+    if args.command == "align" and Path(args.encoder, CONFIG_FILE).is_file():
+        given = sorted("--" + name.replace("_", "-") for name in given_memory_settings(args))
+        if given:
+            parser.error(f"{', '.join(given)}: {args.encoder} is a saved AutoRegEmbed, which keeps "
+                         f"the memory settings it was trained with; these flags set up an encoder "
+                         f"made from a base model")
     if args.command != "reference":
         if args.lora < 0:
             parser.error(f"--lora RANK must be positive, got {args.lora}")

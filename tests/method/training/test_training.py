@@ -168,6 +168,30 @@ def test_contrastive_baseline_trains(workspace, tmp_path):
                 str(workspace["stage2"]), "--output", str(tmp_path / "contrastive"), "--batch-size",
                 "4", "--steps", "3", "--lr", "1e-3"])
     assert len(losses(tmp_path / "contrastive")) == 3
+    assert AutoRegEmbed.from_pretrained(tmp_path / "contrastive" / "model").settings == MemorySettings()
+
+
+def test_align_makes_an_encoder_from_a_base_model_with_the_memory_settings_given(workspace, tmp_path):
+    """The contrastive baseline embeds the way a stage-1 model with these settings does."""
+    train.main(["align", "--objective", "contrastive", "--encoder", str(workspace["base"]), "--data",
+                str(workspace["stage2"]), "--output", str(tmp_path / "contrastive"), "--batch-size",
+                "4", "--steps", "1", "--memory-layer", "1", "--bos-before-memory"])
+    saved = AutoRegEmbed.from_pretrained(tmp_path / "contrastive" / "model")
+    assert saved.settings == MemorySettings(memory_layer=1, bos_before_memory=True)
+
+
+@pytest.mark.parametrize("flag, named", [(["--memory-layer", "last"], "--memory-layer"),
+                                         (["--no-bos-before-memory"], "--bos-before-memory")])
+def test_align_refuses_memory_settings_for_a_saved_model(workspace, tmp_path, flag, named, capsys):
+    """A saved AutoRegEmbed keeps what it was trained with: a flag that would change it is an error,
+    even one that names the released default."""
+    with pytest.raises(SystemExit):
+        train.main(["align", "--encoder", str(workspace["encoder"]), "--decoder",
+                    str(workspace["base"]), "--data", str(workspace["stage2"]), "--output",
+                    str(tmp_path / "stage2"), *flag])
+    error = capsys.readouterr().err
+    assert named in error and "saved AutoRegEmbed" in error
+    assert not (tmp_path / "stage2").exists()
 
 
 def test_bad_data_fails_before_training(workspace, tmp_path):
