@@ -60,7 +60,7 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypa
                          "--stage1-compress-token-lr", "1e-3", "--stage1-lr-schedule", "constant",
                          "--stage1-memory-norm", "none", "--stage2-steps", "2",
                          "--stage2-grad-accum", "2", "--stage2-in-batch-negatives", "--bf16", "off",
-                         "--seed", "3"])
+                         "--contrastive-batch-size", "5", "--seed", "3"])
     trainings = [argv for argv in commands if argv[0] in ("compress", "align")]
     assert len(trainings) == 3
     assert all(argv[argv.index("--seed") + 1] == "3" for argv in trainings)
@@ -88,9 +88,20 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypa
     assert AutoRegEmbed.from_pretrained(out / "contrastive" / "model").settings == trained.settings
     contrastive_steps = [json.loads(line)["step"] for line in
                          (out / "contrastive" / "log.jsonl").read_text().splitlines()]
-    assert contrastive_steps[-1] == 2 + 2 * 2  # equal optimizer steps x batch to both stages
+    # At least the rows of both stages (4 x (2 + 2 x 2) = 24) in steps of 5: 5 steps.
+    assert contrastive_steps[-1] == 5 and results["contrastive_steps_x_batch"] == [5, 5]
     assert json.loads((out / "results.json").read_text())["models"] == results["models"]
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_the_contrastive_baseline_sees_at_least_the_rows_of_both_stages():
+    """The demo's defaults: stages 1 + 2 see 8 x (250 + 75) = 2,600 rows; in steps of 32, 82 steps
+    (2,624: 81 would be 2,592, fewer)."""
+    args = demo.parse_args([])
+    assert (args.batch_size, args.stage1_steps, args.stage2_steps, args.contrastive_batch_size) == (
+        8, 250, 75, 32)
+    assert demo.contrastive_steps(args) == 82
+    assert demo.contrastive_steps(demo.parse_args(["--contrastive-batch-size", "8"])) == 325
 
 
 def test_the_makefile_demo_targets_parse():

@@ -76,10 +76,12 @@ def compute_references(args, cluster: Cluster) -> None:
         batch = alignment_batch(model.tokenizer, chunk, settings, self_score=False)
         n_negatives = batch.pop("n_negatives")
         batch = {k: v.to(cluster.device) for k, v in batch.items()}
-        memory = memory_for_decoder(
-            decoder, model(batch["input_ids"], batch["attention_mask"], packed=not args.no_packing),
-            model.decoder_bos_id)
-        scores = sequence_scores(decoder, memory, batch, args.average_logprobs, not args.no_packing)
+        with torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            memory = memory_for_decoder(
+                decoder, model(batch["input_ids"], batch["attention_mask"],
+                               packed=not args.no_packing), model.decoder_bos_id)
+            scores = sequence_scores(decoder, memory, batch, args.average_logprobs,
+                                     not args.no_packing)
         s_qp, _, s_qn = split_alignment_scores(scores.float().cpu(), len(chunk), n_negatives,
                                                self_score=False)
         positive.append(s_qp)
@@ -319,6 +321,8 @@ def parse_args(argv=None):
     reference.add_argument("--encoder", required=True, help="stage-1 AutoRegEmbed directory")
     reference.add_argument("--decoder", required=True, help='base model directory or "smollm2"')
     add_common(reference, training=False)
+    reference.add_argument("--bf16", action="store_true",
+                           help="score under bf16 autocast (as the --bf16 training that reads them)")
 
     align = commands.add_parser("align", help="stage 2: conditional distribution alignment")
     align.add_argument("--encoder", required=True,
