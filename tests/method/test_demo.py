@@ -95,13 +95,12 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypa
 
 
 def test_the_contrastive_baseline_sees_at_least_the_rows_of_both_stages():
-    """The demo's defaults: stages 1 + 2 see 8 x (250 + 75) = 2,600 rows; in steps of 32, 82 steps
-    (2,624: 81 would be 2,592, fewer)."""
+    """The demo's defaults: stages 1 + 2 see 8 x (250 + 75) = 2,600 rows, the baseline 325 steps x 8;
+    in steps of 32, 82 steps (2,624: 81 would be 2,592, fewer)."""
     args = demo.parse_args([])
-    assert (args.batch_size, args.stage1_steps, args.stage2_steps, args.contrastive_batch_size) == (
-        8, 250, 75, 32)
-    assert demo.contrastive_steps(args) == 82
-    assert demo.contrastive_steps(demo.parse_args(["--contrastive-batch-size", "8"])) == 325
+    assert (args.batch_size, args.stage1_steps, args.stage2_steps) == (8, 250, 75)
+    assert demo.contrastive_steps(args) == 325
+    assert demo.contrastive_steps(demo.parse_args(["--contrastive-batch-size", "32"])) == 82
 
 
 def test_the_makefile_demo_targets_parse():
