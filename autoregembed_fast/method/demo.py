@@ -156,7 +156,7 @@ def parse_args(argv=None):
     # Fewer steps of a larger batch see the same rows 13 % faster on a CPU (6.6 vs 5.8 triplets/s at
     # 32 vs 8, layer 15, bf16, AMD EPYC Zen 4), but at the same rate 82 steps x 32 undertrain: held-out
     # triplets 0.735, STS-B dev 63.7 (seed 0), below stage 1. The default keeps stages 1 + 2's steps.
-    parser.add_argument("--contrastive-batch-size", type=int,
+    parser.add_argument("--contrastive-batch-size", type=train.positive_int,
                         help="rows per contrastive step (default: --batch-size); the steps are then "
                              "as few as see at least the rows of stages 1 + 2")
     parser.add_argument("--beta", type=float, default=1.0)
@@ -200,7 +200,8 @@ def main(argv=None) -> dict:
     results["reconstruction_nll"]["untrained"] = nlls_of(base, decoder, heldout_sentences,
                                                           bf16["on"])
 
-    common = ["--seed", str(args.seed)] + (["--bf16"] if bf16["on"] else [])
+    precision = ["--bf16"] if bf16["on"] else []
+    common = ["--seed", str(args.seed), *precision]
     batch = ["--batch-size", str(args.batch_size)]
     memory = train.memory_flags(args, prefix="stage1_")
     levers = memory + (
@@ -220,8 +221,7 @@ def main(argv=None) -> dict:
     scores = out / "reference.pt"
     results["wall_s"]["reference"] = timed(train.main, [
         "reference", "--encoder", encoder, "--decoder", base, "--data", str(stage2),
-        "--output", str(scores), "--batch-size", "32", *average,
-        *(["--bf16"] if bf16["on"] else [])])
+        "--output", str(scores), "--batch-size", "32", *average, *precision])
     results["wall_s"]["stage2"] = timed(train.main, [
         "align", "--encoder", encoder, "--decoder", base, "--data", str(stage2),
         "--reference-scores", str(scores), "--output", str(out / "stage2"), "--steps",

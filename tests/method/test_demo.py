@@ -4,6 +4,8 @@ import hashlib
 import re
 from pathlib import Path
 
+import pytest
+
 from autoregembed_fast.method import demo, evaluate
 from autoregembed_fast.method.data import ALIGNMENT_FIELDS, read_jsonl
 
@@ -101,6 +103,9 @@ def test_the_contrastive_baseline_sees_at_least_the_rows_of_both_stages():
     assert (args.batch_size, args.stage1_steps, args.stage2_steps) == (8, 250, 75)
     assert demo.contrastive_steps(args) == 325
     assert demo.contrastive_steps(demo.parse_args(["--contrastive-batch-size", "32"])) == 82
+    for bad in ("0", "-8", "eight"):
+        with pytest.raises(SystemExit):
+            demo.parse_args(["--contrastive-batch-size", bad])
 
 
 def test_the_makefile_demo_targets_parse():
