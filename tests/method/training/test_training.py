@@ -123,6 +123,20 @@ def test_reference_then_align(workspace, tmp_path):
     assert (tmp_path / "stage2" / "model" / "autoregembed.json").is_file()
 
 
+def test_reference_scores_under_bf16_autocast(workspace, tmp_path):
+    """`reference --bf16` scores under autocast, as the --bf16 training that reads them: not the
+    fp32 scores (the flag takes effect), but within bf16's rounding of them (operands round at
+    2^-8; a few layers compound it to a few %)."""
+    common = ["reference", "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
+              "--data", str(workspace["stage2"]), "--batch-size", "5"]
+    train.main(common + ["--output", str(tmp_path / "fp32.pt")])
+    train.main(common + ["--output", str(tmp_path / "bf16.pt"), "--bf16"])
+    fp32, bf16 = torch.load(tmp_path / "fp32.pt"), torch.load(tmp_path / "bf16.pt")
+    for name in ("positive", "negative"):
+        assert not torch.equal(fp32[name], bf16[name])
+        assert torch.allclose(bf16[name], fp32[name], rtol=5e-2, atol=0)
+
+
 @pytest.mark.parametrize("stage", ["compress", "align"])
 def test_padded_runs_follow_the_packed_trajectory(workspace, tmp_path, stage):
     """--no-packing (right-padded encoder and decoder batches, for models the packing probe refuses)
