@@ -1,5 +1,5 @@
 """LoRA on the encoder (`--lora RANK`, through `peft`): low-rank adapters on every linear layer of
-the encoder's decoder layers, trained with the compress-token embeddings while the rest of the
+the encoder's decoder layers that reach the memory, trained with the compress-token embeddings while the rest of the
 encoder stays frozen; merged into the weights before the model is saved, so a saved model is a plain
 Hugging Face directory like any other."""
 
@@ -7,20 +7,33 @@ from __future__ import annotations
 
 from torch import nn
 
-from autoregembed_fast.method.model import AutoRegEmbed
+from autoregembed_fast.method.model import AutoRegEmbed, layers_and_final_norm
 
 
 def add_lora(model: AutoRegEmbed, rank: int) -> None:
-    """Injects LoRA adapters (rank `rank`, alpha 2 * rank, no dropout) into every linear layer of
-    the encoder's base model, in place; only the adapters and the compress-token embeddings train."""
+    """Injects LoRA adapters (rank `rank`, alpha 2 * rank, no dropout) into the encoder's base
+    model, in place (`linear_layers_reaching_the_memory`); only the adapters and the compress-token
+    embeddings train."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
     model.encoder.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                        target_modules=linear_layers_reaching_the_memory(model))
     inject_adapter_in_model(config, model.encoder.base_model)
     model.compress_embeddings.requires_grad_(True)
+
+
+def linear_layers_reaching_the_memory(model: AutoRegEmbed) -> str | list[str]:
+    """peft's `target_modules`: every linear layer, or with an inner `memory_layer` L those of the
+    first L decoder layers, named as in the encoder's base model (adapters above L would get no
+    gradient, and DDP would wait for them)."""
+    if model.memory_layer is None:
+        return "all-linear"
+    layers, _ = layers_and_final_norm(model.encoder.base_model)
+    return [f"layers.{index}.{name}" for index in range(model.memory_layer)
+            for name, module in layers[index].named_modules() if isinstance(module, nn.Linear)]
 
 
 def merge_lora(model: AutoRegEmbed) -> int:
