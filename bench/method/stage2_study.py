@@ -57,6 +57,7 @@ SETTINGS = {
     "averaged-1ep-2e-5-no-reference": AVERAGED + ONE_EPOCH + ["--lr", "2e-5",
                                                                "--reference-scores", "none"],
     "averaged-1ep-2e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "2e-5", "--in-batch-negatives"],
+    "summed-1ep-2e-5-in-batch": SUMMED + ONE_EPOCH + ["--lr", "2e-5", "--in-batch-negatives"],
     "averaged-1ep-5e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
     "averaged-1ep-2e-5-in-batch-detached": AVERAGED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--detach-self-score"],
