@@ -41,8 +41,8 @@ from autoregembed_fast.method.training import commands as train
 from autoregembed_fast.method.training.objectives import AlignmentObjective
 from autoregembed_fast.method.training.references import References
 
-AVERAGED = ["--average-logprobs", "--beta", "1.0"]  # the demo's form: per-token averages, beta 1
-SUMMED = ["--beta", "0.1"]  # the released form: summed log-probs, beta 0.1
+AVERAGED = ["--average-logprobs", "--beta", "1.0"]  # per-token averages, beta 1 (the demo until 12-07)
+SUMMED = ["--beta", "0.1"]  # the released form: summed log-probs, beta 0.1 (the demo since)
 ONE_EPOCH = ["--epochs", "1"]  # 600 rows / batch 8 = 75 steps
 # name -> flags added to `train align` (batch 8, warm-up 5 %, cosine, clip 1.0 unless a flag says).
 SETTINGS = {
