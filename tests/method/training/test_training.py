@@ -227,6 +227,21 @@ def run_torchrun(args, processes):
     assert done.returncode == 0, done.stderr[-8000:]
 
 
+def assert_same_trained_weights(one, two, steps: int, lr: float):
+    """The encoders saved by two runs agree to rtol 1e-4 / atol 1e-6, but for at most 1 element in
+    1,000 of a tensor: Adam divides each gradient by its own running size, so an element whose
+    gradient is at the level of the reduction order's rounding (2 ranks sum halves, 1 process sums
+    all rows) can step differently, by at most lr (1 - beta1) / sqrt(1 - beta2) = 3.17 lr a step
+    (Adam's bound, defaults 0.9 / 0.999) in each run. A reduction that is wrong moves most elements."""
+    single = AutoRegEmbed.from_pretrained(one / "model").encoder.state_dict()
+    sharded = AutoRegEmbed.from_pretrained(two / "model").encoder.state_dict()
+    assert single.keys() == sharded.keys()
+    for name, value in single.items():
+        close = torch.isclose(value, sharded[name], rtol=1e-4, atol=1e-6)
+        assert (~close).sum() <= value.numel() // 1000, name
+        assert (value - sharded[name]).abs().max() <= 2 * steps * 3.17 * lr, name
+
+
 def stage_args(workspace, stage):
     if stage == "compress":
         return ["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"])]
@@ -249,11 +264,7 @@ def test_two_processes_match_one(workspace, tmp_path, stage, parallel):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
-    single = AutoRegEmbed.from_pretrained(tmp_path / "one" / "model").encoder.state_dict()
-    sharded = AutoRegEmbed.from_pretrained(tmp_path / "two" / "model").encoder.state_dict()
-    assert single.keys() == sharded.keys()
-    for name, value in single.items():
-        assert torch.allclose(value, sharded[name], rtol=1e-4, atol=1e-6), name
+    assert_same_trained_weights(tmp_path / "one", tmp_path / "two", steps=3, lr=1e-3)
 
 
 @pytest.mark.slow
@@ -268,10 +279,7 @@ def test_fsdp_with_gradient_checkpointing_matches_one_plain_process(workspace, t
                            "--gradient-checkpointing"], 2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(two) == 3 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
-    single = AutoRegEmbed.from_pretrained(tmp_path / "one" / "model").encoder.state_dict()
-    sharded = AutoRegEmbed.from_pretrained(tmp_path / "two" / "model").encoder.state_dict()
-    for name, value in single.items():
-        assert torch.allclose(value, sharded[name], rtol=1e-4, atol=1e-6), name
+    assert_same_trained_weights(tmp_path / "one", tmp_path / "two", steps=3, lr=1e-3)
 
 
 @pytest.mark.slow
