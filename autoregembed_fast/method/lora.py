@@ -1,7 +1,7 @@
 """LoRA on the encoder (`--lora RANK`, through `peft`): low-rank adapters on every linear layer of
-the encoder's decoder layers that reach the memory, trained with the compress-token embeddings while the rest of the
-encoder stays frozen; merged into the weights before the model is saved, so a saved model is a plain
-Hugging Face directory like any other."""
+the encoder's decoder layers that reach the memory, trained with the compress-token embeddings
+while the rest of the encoder stays frozen; merged into the weights before the model is saved, so
+a saved model is a plain Hugging Face directory like any other."""
 
 from __future__ import annotations
 

@@ -61,8 +61,8 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypa
                          "--stage1-memory-layer", "1",
                          "--stage1-compress-token-lr", "1e-3", "--stage1-lr-schedule", "constant",
                          "--stage1-memory-norm", "none", "--stage2-steps", "2",
-                         "--stage2-grad-accum", "2", "--stage2-in-batch-negatives", "--average-logprobs",
-                         "--bf16", "off",
+                         "--stage2-grad-accum", "2", "--stage2-in-batch-negatives",
+                         "--average-logprobs", "--bf16", "off",
                          "--contrastive-batch-size", "5", "--seed", "3"])
     trainings = [argv for argv in commands if argv[0] in ("compress", "align")]
     assert len(trainings) == 3
