@@ -58,6 +58,9 @@ SETTINGS = {
                                                                "--reference-scores", "none"],
     "averaged-1ep-2e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "2e-5", "--in-batch-negatives"],
     "summed-1ep-2e-5-in-batch": SUMMED + ONE_EPOCH + ["--lr", "2e-5", "--in-batch-negatives"],
+    "summed-2ep-2e-5-in-batch": SUMMED + ["--epochs", "2", "--lr", "2e-5", "--in-batch-negatives"],
+    "summed-1ep-2e-5-in-batch-no-reference": SUMMED + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives", "--reference-scores", "none"],
     "averaged-1ep-5e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
     "averaged-1ep-2e-5-in-batch-detached": AVERAGED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--detach-self-score"],
