@@ -61,6 +61,8 @@ SETTINGS = {
     "summed-2ep-2e-5-in-batch": SUMMED + ["--epochs", "2", "--lr", "2e-5", "--in-batch-negatives"],
     "summed-1ep-2e-5-in-batch-no-reference": SUMMED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--reference-scores", "none"],
+    "summed-beta0.05-1ep-2e-5-in-batch": ["--beta", "0.05"] + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives"],
     "averaged-1ep-5e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
     "averaged-1ep-2e-5-in-batch-detached": AVERAGED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--detach-self-score"],
