@@ -227,7 +227,12 @@ def run_torchrun(args, processes):
     assert done.returncode == 0, done.stderr[-8000:]
 
 
-def assert_same_trained_weights(one, two, steps: int, lr: float):
+# The two-process comparisons' runs: the flags, and the bound on trained weights, come from these.
+COMPARED_STEPS, COMPARED_LR = 3, 1e-3
+COMPARED_RUN = ["--steps", str(COMPARED_STEPS), "--lr", str(COMPARED_LR)]
+
+
+def assert_same_trained_weights(one, two, steps: int = COMPARED_STEPS, lr: float = COMPARED_LR):
     """The encoders saved by two runs agree to rtol 1e-4 / atol 1e-6, but for at most 1 element in
     1,000 of a tensor: Adam divides each gradient by its own running size, so an element whose
     gradient is at the level of the reduction order's rounding (2 ranks sum halves, 1 process sums
@@ -255,16 +260,16 @@ def stage_args(workspace, stage):
 def test_two_processes_match_one(workspace, tmp_path, stage, parallel):
     """2 ranks x batch 2 (gloo; DDP, or FSDP2 sharding the encoder; DDP training LoRA adapters)
     give the loss trajectory of 1 process x batch 4, and the saved model loads in one process."""
-    common = stage_args(workspace, stage) + ["--steps", "3", "--lr", "1e-3"]
+    common = stage_args(workspace, stage) + COMPARED_RUN
     if parallel == "ddp-lora":
         common += ["--lora", "4"]
     sharding = ["--fsdp"] if parallel == "fsdp" else []
     run_torchrun(common + ["--output", str(tmp_path / "one"), "--batch-size", "4"], 1)
     run_torchrun(common + ["--output", str(tmp_path / "two"), "--batch-size", "2", *sharding], 2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 3
+    assert len(one) == len(two) == COMPARED_STEPS
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
-    assert_same_trained_weights(tmp_path / "one", tmp_path / "two", steps=3, lr=1e-3)
+    assert_same_trained_weights(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow
@@ -273,13 +278,13 @@ def test_fsdp_with_gradient_checkpointing_matches_one_plain_process(workspace, t
     """Activation checkpointing inside FSDP2 units recomputes each layer in the backward (with its
     parameters all-gathered again): the trajectory and the trained weights stay those of one
     process without checkpointing."""
-    common = stage_args(workspace, stage) + ["--steps", "3", "--lr", "1e-3"]
+    common = stage_args(workspace, stage) + COMPARED_RUN
     run_torchrun(common + ["--output", str(tmp_path / "one"), "--batch-size", "4"], 1)
     run_torchrun(common + ["--output", str(tmp_path / "two"), "--batch-size", "2", "--fsdp",
                            "--gradient-checkpointing"], 2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(two) == 3 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
-    assert_same_trained_weights(tmp_path / "one", tmp_path / "two", steps=3, lr=1e-3)
+    assert len(two) == COMPARED_STEPS and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+    assert_same_trained_weights(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow
