@@ -217,26 +217,33 @@ def compression_batch(tokenizer, rows, settings: Tokenization) -> dict:
 
 
 def alignment_batch(tokenizer, rows, settings: Tokenization, self_score: bool = True,
-                    in_batch_negatives: bool = False) -> dict:
+                    in_batch_negatives: bool = False, in_batch_hard_negatives: bool = False) -> dict:
     """Stage 2: encoder inputs for the queries then the positives (one encoder pass over both), and
     the targets pos | M_query, pos | M_pos, neg_j | M_query with the memory row each one reads.
     Without `self_score` (reference scores need no s_pp): the queries only, and no pos | M_pos.
     With `in_batch_negatives`, each query's negatives are followed by the other rows' positives
-    (B - 1 more targets under M_query, not in the released method); `n_negatives` counts them."""
+    (B - 1 more targets under M_query), with `in_batch_hard_negatives` then by the other rows'
+    negatives ((B - 1) n more); neither is in the released method. `n_negatives` counts them all."""
     pad_id = pad_id_of(tokenizer)
     batch = len(rows)
     queries = [encoder_ids(tokenizer, r["query"], instruction_for(r, settings), settings) for r in rows]
     positives = ([encoder_ids(tokenizer, r["pos"], instruction_for(r, settings), settings) for r in rows]
                  if self_score else [])
     positive_targets = [target_ids(tokenizer, r["pos"], settings) for r in rows]
-    n_negatives = len(negatives_of(rows[0])) + (batch - 1 if in_batch_negatives else 0)
+    negative_targets = [[target_ids(tokenizer, neg, settings) for neg in negatives_of(r)] for r in rows]
+    own = len(negative_targets[0])
+    n_negatives = own + (batch - 1) * ((1 if in_batch_negatives else 0)
+                                       + (own if in_batch_hard_negatives else 0))
     targets, memory_index = [], []
-    for i, row in enumerate(rows):
+    for i in range(batch):
+        others = [j for j in range(batch) if j != i]
         targets += [positive_targets[i]] * (2 if self_score else 1)
         memory_index += [i, batch + i] if self_score else [i]  # pos | M_query (, pos | M_pos)
-        targets += [target_ids(tokenizer, neg, settings) for neg in negatives_of(row)]
+        targets += negative_targets[i]
         if in_batch_negatives:
-            targets += [positive_targets[j] for j in range(batch) if j != i]
+            targets += [positive_targets[j] for j in others]
+        if in_batch_hard_negatives:
+            targets += [negative for j in others for negative in negative_targets[j]]
         memory_index += [i] * n_negatives  # neg_j | M_query: the query's memory, shared
     input_ids, input_mask = pad(queries + positives, pad_id)
     target, target_mask = pad(targets, pad_id)

@@ -63,6 +63,10 @@ SETTINGS = {
         "--lr", "2e-5", "--in-batch-negatives", "--reference-scores", "none"],
     "summed-beta0.05-1ep-2e-5-in-batch": ["--beta", "0.05"] + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives"],
+    "summed-1ep-2e-5-in-batch16": SUMMED + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives", "--batch-size", "16"],  # 38 steps
+    "summed-1ep-2e-5-in-batch-hard": SUMMED + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives", "--in-batch-hard-negatives"],
     "averaged-1ep-5e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
     "averaged-1ep-2e-5-in-batch-detached": AVERAGED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--detach-self-score"],
@@ -130,7 +134,8 @@ def heldout_loss(model_dir: str, study: dict, flags: list[str], references: Refe
     loss = AlignmentLoss(float(flag_value(flags, "--beta", 0.1)), 0.1, 1)
     objective = AlignmentObjective(decoder, model.tokenizer, Tokenization(), loss, references,
                                    "--average-logprobs" in flags, decoder_bos_id=model.decoder_bos_id,
-                                   in_batch_negatives="--in-batch-negatives" in flags)
+                                   in_batch_negatives="--in-batch-negatives" in flags,
+                                   in_batch_hard_negatives="--in-batch-hard-negatives" in flags)
     total, count = 0.0, 0
     for start in range(0, len(references.rows), 8):
         rows = list(range(start, min(start + 8, len(references.rows))))

@@ -119,3 +119,26 @@ def test_in_batch_negatives_follow_each_querys_own_negatives():
     assert decoded == [text + "</s>" for text in expected]
     single = alignment_batch(tokenizer, rows[:1], Tokenization(), in_batch_negatives=True)
     assert single["n_negatives"] == 1  # a batch of one has no other positives
+
+
+@pytest.mark.parametrize("with_positives", [False, True])
+def test_in_batch_hard_negatives_follow_the_other_rows_positives(with_positives):
+    tokenizer = tiny_tokenizer()
+    rows = stage2_rows(3, n_negatives=2)
+    batch = alignment_batch(tokenizer, rows, Tokenization(), in_batch_negatives=with_positives,
+                            in_batch_hard_negatives=True)
+    # Its own 2 negatives, (the 2 other rows' positives,) the 2 other rows' 2 negatives each.
+    n = 2 + (2 if with_positives else 0) + 4
+    assert batch["n_negatives"] == n
+    assert batch["memory_index"].tolist() == [m for i in range(3) for m in [i, 3 + i] + [i] * n]
+    decoded = [tokenizer.decode(ids[mask.bool()]) for ids, mask in
+               zip(batch["target_ids"], batch["target_mask"])]
+    expected = []
+    for i, row in enumerate(rows):
+        others = [rows[j] for j in range(3) if j != i]
+        expected += [row["pos"], row["pos"], *row["neg"]]
+        expected += [other["pos"] for other in others] if with_positives else []
+        expected += [negative for other in others for negative in other["neg"]]
+    assert decoded == [text + "</s>" for text in expected]
+    s_qp, s_pp, s_qn = split_alignment_scores(torch.arange(3.0 * (2 + n)), 3, n)
+    assert s_qn.shape == (3, n) and s_qp.tolist() == [0, 2 + n, 4 + 2 * n]

@@ -161,7 +161,7 @@ def command_align(args) -> None:
                                        references, args.average_logprobs,
                                        args.detach_self_score, model.decoder_bos_id,
                                        not args.no_packing,
-                                       args.in_batch_negatives)
+                                       args.in_batch_negatives, args.in_batch_hard_negatives)
     run_training(TrainingConfig.from_args(args), cluster, model, objective, len(rows))
 
 
@@ -352,6 +352,10 @@ def parse_args(argv=None):
     align.add_argument("--in-batch-negatives", action="store_true",
                        help="the other rows' positives of the batch are negatives too, scored under "
                             "the query's memory with no reference term (not in the released code)")
+    align.add_argument("--in-batch-hard-negatives", action="store_true",
+                       help="the other rows' hard negatives of the batch are negatives too, scored "
+                            "under the query's memory with no reference term (not in the released "
+                            "code)")
     align.add_argument("--contrastive-temperature", type=float, default=0.05)
     # For an encoder made from a base model (the contrastive baseline, or stage 2 without stage 1);
     # a saved AutoRegEmbed keeps the settings it was trained with.

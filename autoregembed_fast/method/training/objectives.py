@@ -83,17 +83,19 @@ class AlignmentObjective:
     pos | M_query, pos | M_pos and every neg | M_query, the alignment loss against cached references.
     With `detach_self_score`, s_pp = log p(pos | M_pos) is a constant target for s_qp: the alignment
     term then moves the query's memory only, and cannot be met by making the positive's own
-    reconstruction worse. With `in_batch_negatives`, the other rows' positives are negatives too
-    (scored under M_query; their reference term is 0, as no stage-1 score of them is cached).
+    reconstruction worse. With `in_batch_negatives`, the other rows' positives are negatives too,
+    with `in_batch_hard_negatives` the other rows' negatives (scored under M_query; their reference
+    term is 0, as no stage-1 score of them under this query's memory is cached).
     `decoder_bos_id`, `packed`: as in `CompressionObjective`. `diagnostics()` returns what the loss
     saw since the last call (the loop logs it with each step)."""
 
     def __init__(self, decoder, tokenizer, settings, loss: AlignmentLoss, references, average,
                  detach_self_score: bool = False, decoder_bos_id=None, packed: bool = True,
-                 in_batch_negatives: bool = False):
+                 in_batch_negatives: bool = False, in_batch_hard_negatives: bool = False):
         self.decoder, self.tokenizer, self.settings = decoder, tokenizer, settings
         self.loss, self.references, self.average = loss, references, average
         self.detach_self_score, self.in_batch_negatives = detach_self_score, in_batch_negatives
+        self.in_batch_hard_negatives = in_batch_hard_negatives
         self.decoder_bos_id, self.packed = decoder_bos_id, packed
         self._seen = []
 
@@ -102,7 +104,8 @@ class AlignmentObjective:
 
     def __call__(self, model, rows, device):
         batch = alignment_batch(self.tokenizer, [self.references.rows[i] for i in rows], self.settings,
-                                in_batch_negatives=self.in_batch_negatives)
+                                in_batch_negatives=self.in_batch_negatives,
+                                in_batch_hard_negatives=self.in_batch_hard_negatives)
         n_negatives = batch.pop("n_negatives")
         batch = {k: v.to(device) for k, v in batch.items()}
         memory = memory_for_decoder(
@@ -113,7 +116,7 @@ class AlignmentObjective:
         if self.detach_self_score:
             s_pp = s_pp.detach()
         ref_pos, ref_neg = self.references.of(rows, device)
-        if self.in_batch_negatives:
+        if self.in_batch_negatives or self.in_batch_hard_negatives:
             # ref_pos - ref_neg = 0 for the in-batch negatives: a margin without a reference term.
             extra = s_qn.shape[1] - ref_neg.shape[1]
             ref_neg = torch.cat([ref_neg, ref_pos[:, None].expand(-1, extra)], dim=1)

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from autoregembed_fast.method.data import Tokenization
@@ -75,10 +76,11 @@ def summed_logprob(decoder, memory, tokens) -> float:
     return float(logp.gather(1, tokens[:, None]).sum())
 
 
-def test_in_batch_negatives_are_scored_under_the_querys_memory_without_a_reference_term():
+@pytest.mark.parametrize("hard", [False, True], ids=["positives", "positives-and-hard-negatives"])
+def test_in_batch_negatives_are_scored_under_the_querys_memory_without_a_reference_term(hard):
     """3 rows, 1 hard negative each: the loss is the released formula over [hard negative, the 2 other
-    rows' positives], each scored under the query's memory, the cached reference term on the hard
-    negative only."""
+    rows' positives (, the 2 other rows' hard negatives)], each scored under the query's memory, the
+    cached reference term on the row's own hard negative only."""
     from autoregembed_fast.method.data import target_ids
     from autoregembed_fast.method.losses import AlignmentLoss
     from autoregembed_fast.method.training.objectives import AlignmentObjective
@@ -95,7 +97,7 @@ def test_in_batch_negatives_are_scored_under_the_querys_memory_without_a_referen
     references = References(rows, ref_pos, ref_neg)
     loss = AlignmentLoss(beta=0.1, temperature=0.1)
     objective = AlignmentObjective(decoder, tokenizer, Tokenization(), loss, references, average=False,
-                                   in_batch_negatives=True)
+                                   in_batch_negatives=True, in_batch_hard_negatives=hard)
     memory = torch.randn(6, 2, 8)  # 3 queries then 3 positives (k = 2, d = 8)
 
     class QueriesThenPositives:
@@ -116,6 +118,8 @@ def test_in_batch_negatives_are_scored_under_the_querys_memory_without_a_referen
         s1 = 1 / (1 + math.exp(-0.1 * abs(s_qp - s_pp)))
         negatives = [(score(row["neg"], i), float(ref_pos[i] - ref_neg[i, 0]))]
         negatives += [(score(rows[j]["pos"], i), 0.0) for j in range(3) if j != i]
+        if hard:
+            negatives += [(score(rows[j]["neg"], i), 0.0) for j in range(3) if j != i]
         for s_qn, reference in negatives:
             s2 = 1 / (1 + math.exp(-0.1 * ((s_qp - s_qn) + reference)))
             terms.append(math.log1p(math.exp((s1 - s2) / 0.1)))
