@@ -63,10 +63,13 @@ SETTINGS = {
         "--lr", "2e-5", "--in-batch-negatives", "--reference-scores", "none"],
     "summed-beta0.05-1ep-2e-5-in-batch": ["--beta", "0.05"] + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives"],
+    "summed-1ep-5e-5-in-batch": SUMMED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
     "summed-1ep-2e-5-in-batch16": SUMMED + ONE_EPOCH + [
-        "--lr", "2e-5", "--in-batch-negatives", "--batch-size", "16"],  # 38 steps
+        "--lr", "2e-5", "--in-batch-negatives", "--batch-size", "16"],  # 37 steps (592 rows)
     "summed-1ep-2e-5-in-batch-hard": SUMMED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--in-batch-hard-negatives"],
+    "summed-1ep-2e-5-in-batch-accum4": SUMMED + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives", "--grad-accum", "4"],  # global batch 32, 18 steps
     "averaged-1ep-5e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
     "averaged-1ep-2e-5-in-batch-detached": AVERAGED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--detach-self-score"],

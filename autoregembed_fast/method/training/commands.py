@@ -161,7 +161,8 @@ def command_align(args) -> None:
                                        references, args.average_logprobs,
                                        args.detach_self_score, model.decoder_bos_id,
                                        not args.no_packing,
-                                       args.in_batch_negatives, args.in_batch_hard_negatives)
+                                       in_batch_negatives=args.in_batch_negatives,
+                                       in_batch_hard_negatives=args.in_batch_hard_negatives)
     run_training(TrainingConfig.from_args(args), cluster, model, objective, len(rows))
 
 
