@@ -5,9 +5,11 @@
 #   NPROC=4 recipes/llama2-7b.sh
 #
 # Released hyper-parameters (TrustedLLM/AutoRegEmbed, 4 x A100-80G, DeepSpeed ZeRO-1, bf16, gradient
-# checkpointing): stage 1 lr 1e-5, 8 rows per GPU x 4 GPUs, 1 epoch, warm-up 5 %, cosine; stage 2
-# lr 5e-6, 32 rows per GPU x 4 GPUs, 4 epochs, warm-up 5 %, cosine, summed log-probs, beta 0.1, tau 0.1,
-# one hard negative, the fixed instruction; text up to 4096 tokens, instruction up to 512. Here:
+# checkpointing): stage 1 lr 1e-5, 8 rows per GPU x 4 GPUs, 1 epoch, warm-up 5 %; stage 2 lr 5e-6,
+# 32 rows per GPU x 4 GPUs, 4 epochs, warm-up 5 %, summed log-probs, beta 0.1, tau 0.1,
+# one hard negative, the fixed instruction; text up to 4096 tokens, instruction up to 512; the
+# schedule DeepSpeed's WarmupDecayLR from their config (its scheduler replaces the cosine their
+# command lines name): `--lr-schedule warmup-decay`, the default of both commands. Here:
 # FSDP2 over the ranks (--fsdp, fp32 master weights, bf16 compute), gradient checkpointing, the
 # global batch of the paper whatever NPROC (8 GPUs: half the rows per GPU).
 #

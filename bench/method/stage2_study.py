@@ -64,6 +64,8 @@ SETTINGS = {
     "summed-beta0.05-1ep-2e-5-in-batch": ["--beta", "0.05"] + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives"],
     "summed-1ep-5e-5-in-batch": SUMMED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
+    "summed-1ep-2e-5-in-batch-warmup-decay": SUMMED + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay"],  # the released schedule
     "summed-1ep-2e-5-in-batch16": SUMMED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--batch-size", "16"],  # 37 steps (592 rows)
     "summed-1ep-2e-5-in-batch-hard": SUMMED + ONE_EPOCH + [
@@ -175,7 +177,7 @@ def run(args) -> None:
     command = ["align", "--encoder", study["stage1"], "--decoder", study["base"], "--data", study["data"],
                "--reference-scores", references, "--reference-model", study["stage1"],
                "--output", str(output), "--seed", str(args.seed), "--batch-size", "8",
-               *(["--bf16"] if cpu_native_bf16() else []), *extra]
+               "--lr-schedule", "cosine", *(["--bf16"] if cpu_native_bf16() else []), *extra]
     started = time.perf_counter()
     train.main(command)
     wall = time.perf_counter() - started

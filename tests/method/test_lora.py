@@ -10,6 +10,10 @@ from autoregembed_fast.method.loading import load_causal_lm
 from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings
 from tiny_models import save_tiny_base, stage1_rows, write_jsonl
 
+# The runs below test the loop's mechanics on a cosine schedule: the default, the released runs'
+# warmup-decay, spends its first 2 steps at rate 0 (test_warmup_decay_is_deepspeeds_schedule).
+COSINE = ["--lr-schedule", "cosine"]
+
 
 def test_merged_adapters_give_the_memory_of_the_adapted_model(tmp_path):
     encoder, tokenizer = load_causal_lm(str(save_tiny_base(tmp_path / "base")))
@@ -55,7 +59,7 @@ def test_compress_with_lora_trains_adapters_only(tmp_path, memory_layer):
     base = save_tiny_base(tmp_path / "base")
     data = write_jsonl(tmp_path / "stage1.jsonl", stage1_rows(8))
     layer_flags = [] if memory_layer is None else ["--memory-layer", str(memory_layer)]
-    train.main(["compress", "--model", str(base), "--data", str(data), "--output", str(tmp_path / "out"),
+    train.main(["compress", *COSINE, "--model", str(base), "--data", str(data), "--output", str(tmp_path / "out"),
                 "--batch-size", "4", "--steps", "2", "--lr", "1e-2", "--lora", "4", *layer_flags])
     start = load_causal_lm(str(base))[0].state_dict()
     saved = AutoRegEmbed.from_pretrained(tmp_path / "out" / "model")

@@ -42,7 +42,7 @@ from autoregembed_fast.method.data import (
     split_alignment_scores,
 )
 from autoregembed_fast.method.losses import AlignmentLoss
-from autoregembed_fast.method.training.loop import TrainingConfig, run_training
+from autoregembed_fast.method.training.loop import SCHEDULES, TrainingConfig, run_training
 from autoregembed_fast.method.lora import add_lora
 from autoregembed_fast.method.loading import (
     embedding_norm,
@@ -200,8 +200,11 @@ def add_common(parser, *, training: bool) -> None:
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--warmup-ratio", type=float, default=0.05)
-    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
-                        help="after the warm-up: cosine decay to 0 (released) or constant")
+    parser.add_argument("--lr-schedule", choices=SCHEDULES, default=SCHEDULES[0],
+                        help="warmup-decay: DeepSpeed's WarmupDecayLR (log-shaped warm-up, linear "
+                             "decay to 0; its first 2 steps at rate 0), what the released runs get; "
+                             "cosine: linear warm-up, cosine decay to 0 (what their command lines "
+                             "name); constant: linear warm-up, then flat")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast over fp32 master weights (trainable weights stay fp32)")

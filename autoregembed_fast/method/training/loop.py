@@ -1,5 +1,5 @@
 """The training loop: global batches over ranks and accumulation micro-batches (DDP, or FSDP2 with
-`--fsdp`), AdamW on fp32 master weights, cosine schedule with warm-up, the JSONL log and loss curve,
+`--fsdp`), AdamW on fp32 master weights, the learning-rate schedule, the JSONL log and loss curve,
 checkpoints and resume."""
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from autoregembed_fast.method.model import AutoRegEmbed
 from autoregembed_fast.method.training.parallel import Parallelism
 
 LOG = "log.jsonl"
+# The learning-rate schedules (`lr_factor`); the first is the released runs' and the commands' default.
+SCHEDULES = ("warmup-decay", "cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class TrainingConfig:
     lr: float = 1e-5
     compress_token_lr: float | None = None  # None: `lr`
     weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
+    lr_schedule: str = SCHEDULES[0]
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     bf16: bool = False  # autocast over the fp32 master weights
@@ -59,12 +61,31 @@ class TrainingConfig:
 
 
 def lr_factor(schedule: str, total_steps: int, warmup_steps: int):
-    """The learning-rate multiplier of each step: linear warm-up, then a cosine decay to 0 over the
-    remaining steps ("cosine", the released schedule) or the full rate ("constant")."""
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    """The learning-rate multiplier of optimizer step `step` (0-based).
+
+    "warmup-decay" is DeepSpeed's WarmupDecayLR as the released runs get it: their DeepSpeed config
+    names it, and a config's scheduler replaces the `--lr_scheduler_type cosine` of their command
+    lines. A log-shaped warm-up, log(t + 1) / log(w) over w = max(2, warmup_steps) scheduler steps,
+    then a linear decay, (total - t) / (total - w). DeepSpeed starts at its minimum rate (0, as
+    transformers fills it) and steps the schedule after each optimizer step, so optimizer step s
+    runs at its value for t = s - 1: steps 0 and 1 run at rate 0.
+    "cosine": a linear warm-up, then a cosine decay to 0 (what the released command lines name);
+    "constant": the same warm-up, then the full rate."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; one of {SCHEDULES}")
+
+    def warmup_decay(step: int) -> float:
+        t = step - 1  # DeepSpeed's scheduler steps so far, less one
+        if t < 0:
+            return 0.0
+        warmup = max(2, warmup_steps)
+        if t < warmup:
+            return math.log(t + 1) / math.log(warmup)
+        return max(0.0, (total_steps - t) / max(1, total_steps - warmup))
 
     def factor(step: int) -> float:
+        if schedule == "warmup-decay":
+            return warmup_decay(step)
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if schedule == "constant":

@@ -11,8 +11,13 @@ import pytest
 import torch
 
 from autoregembed_fast.method.training import commands as train
+from autoregembed_fast.method.training.loop import lr_factor
 from autoregembed_fast.method.model import AutoRegEmbed, MemorySettings
 from tiny_models import save_tiny_base, stage1_rows, stage2_rows, write_jsonl
+
+# The runs below test the loop's mechanics on a cosine schedule: the default, the released runs'
+# warmup-decay, spends its first 2 steps at rate 0 (test_warmup_decay_is_deepspeeds_schedule).
+COSINE = ["--lr-schedule", "cosine"]
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -23,7 +28,7 @@ def workspace(tmp_path_factory):
     base = save_tiny_base(root / "base")
     stage1 = write_jsonl(root / "stage1.jsonl", stage1_rows(16))
     stage2 = write_jsonl(root / "stage2.jsonl", stage2_rows(12))
-    train.main(["compress", "--model", str(base), "--data", str(stage1), "--output",
+    train.main(["compress", *COSINE, "--model", str(base), "--data", str(stage1), "--output",
                 str(root / "stage1"), "--batch-size", "4", "--steps", "3", "--lr", "1e-3"])
     return {"root": root, "base": base, "stage1": stage1, "stage2": stage2,
             "encoder": root / "stage1" / "model"}
@@ -74,7 +79,7 @@ def trained_weights(directory) -> torch.Tensor:
 
 
 def compress_args(workspace, output, *extra):
-    return ["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+    return ["compress", *COSINE, "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
             "--output", str(output), "--batch-size", "2", "--grad-accum", "2", "--steps", "6",
             "--lr", "1e-3", "--save-every", "2", *extra]
 
@@ -116,7 +121,7 @@ def test_reference_then_align(workspace, tmp_path):
                 tokens = torch.tensor([target_ids_of(model.tokenizer, target, settings)])
                 alone = score_targets(decoder, memory, tokens, torch.ones_like(tokens), torch.tensor([0]))
                 assert torch.allclose(cached, alone[0], rtol=1e-5, atol=1e-5)
-    train.main(["align", "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
+    train.main(["align", *COSINE, "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
                 "--data", str(workspace["stage2"]), "--reference-scores", str(scores), "--output",
                 str(tmp_path / "stage2"), "--batch-size", "4", "--steps", "2", "--lr", "1e-4"])
     assert len(losses(tmp_path / "stage2")) == 2
@@ -157,7 +162,7 @@ def test_reference_model_names_where_the_cached_scores_came_from(workspace, tmp_
     other = tmp_path / "other-encoder"
     AutoRegEmbed.from_pretrained(workspace["encoder"]).save_pretrained(other)
     (other / "note.txt").write_text("a different model directory")  # a different cache key
-    common = ["align", "--encoder", str(other), "--decoder", str(workspace["base"]), "--data",
+    common = ["align", *COSINE, "--encoder", str(other), "--decoder", str(workspace["base"]), "--data",
               str(workspace["stage2"]), "--reference-scores", str(scores), "--batch-size", "4",
               "--steps", "1", "--lr", "1e-4"]
     with pytest.raises(SystemExit, match="reference"):
@@ -178,7 +183,7 @@ def test_align_refuses_a_cache_from_other_data(workspace, tmp_path):
 
 
 def test_contrastive_baseline_trains(workspace, tmp_path):
-    train.main(["align", "--objective", "contrastive", "--encoder", str(workspace["base"]), "--data",
+    train.main(["align", *COSINE, "--objective", "contrastive", "--encoder", str(workspace["base"]), "--data",
                 str(workspace["stage2"]), "--output", str(tmp_path / "contrastive"), "--batch-size",
                 "4", "--steps", "3", "--lr", "1e-3"])
     assert len(losses(tmp_path / "contrastive")) == 3
@@ -187,7 +192,7 @@ def test_contrastive_baseline_trains(workspace, tmp_path):
 
 def test_align_makes_an_encoder_from_a_base_model_with_the_memory_settings_given(workspace, tmp_path):
     """The contrastive baseline embeds the way a stage-1 model with these settings does."""
-    train.main(["align", "--objective", "contrastive", "--encoder", str(workspace["base"]), "--data",
+    train.main(["align", *COSINE, "--objective", "contrastive", "--encoder", str(workspace["base"]), "--data",
                 str(workspace["stage2"]), "--output", str(tmp_path / "contrastive"), "--batch-size",
                 "4", "--steps", "1", "--memory-layer", "1", "--bos-before-memory"])
     saved = AutoRegEmbed.from_pretrained(tmp_path / "contrastive" / "model")
@@ -249,8 +254,8 @@ def assert_same_trained_weights(one, two, steps: int = COMPARED_STEPS, lr: float
 
 def stage_args(workspace, stage):
     if stage == "compress":
-        return ["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"])]
-    return ["align", "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
+        return ["compress", *COSINE, "--model", str(workspace["base"]), "--data", str(workspace["stage1"])]
+    return ["align", *COSINE, "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
             "--data", str(workspace["stage2"])]
 
 
@@ -297,7 +302,7 @@ def test_fsdp_with_texts_of_very_different_lengths(workspace, tmp_path):
         row["query"] = row["query"].split()[0] if i % 2 else " ".join([row["query"]] * 12)
         row["pos"] = row["pos"].split()[0] if i % 4 else " ".join([row["pos"]] * 6)
     data = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    common = ["align", "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
+    common = ["align", *COSINE, "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
               "--data", str(data), "--steps", "2", "--lr", "1e-3"]
     run_torchrun(common + ["--output", str(tmp_path / "one"), "--batch-size", "4"], 1)
     run_torchrun(common + ["--output", str(tmp_path / "two"), "--batch-size", "2", "--fsdp"], 2)
@@ -369,7 +374,7 @@ def test_a_bf16_checkpoint_trains_on_fp32_master_weights(workspace, tmp_path, pa
     base, tokenizer = load_causal_lm(str(workspace["base"]))
     base.to(torch.bfloat16).save_pretrained(tmp_path / "bf16-base")
     tokenizer.save_pretrained(tmp_path / "bf16-base")
-    args = ["compress", "--model", str(tmp_path / "bf16-base"), "--data", str(workspace["stage1"]),
+    args = ["compress", *COSINE, "--model", str(tmp_path / "bf16-base"), "--data", str(workspace["stage1"]),
             "--output", str(tmp_path / "out"), "--batch-size", "2", "--steps", "1", "--lr", "1e-7",
             "--warmup-ratio", "0", "--bf16"]
     if parallel == "fsdp":
@@ -389,7 +394,7 @@ def test_a_bf16_checkpoint_trains_on_fp32_master_weights(workspace, tmp_path, pa
 
 def test_compress_with_memory_norm_keeps_it_through_save_and_load(workspace):
     out = workspace["root"] / "stage1-memory-norm"
-    train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+    train.main(["compress", *COSINE, "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
                 "--output", str(out), "--batch-size", "4", "--steps", "2", "--lr", "1e-3",
                 "--memory-norm", "embedding"])
     model = AutoRegEmbed.from_pretrained(out / "model")
@@ -419,7 +424,7 @@ def test_bos_before_memory_is_a_setting_of_the_saved_model(workspace, tmp_path):
     from autoregembed_fast.method.training.objectives import CompressionObjective
 
     out = tmp_path / "stage1"
-    train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+    train.main(["compress", *COSINE, "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
                 "--output", str(out), "--batch-size", "4", "--steps", "2", "--lr", "1e-3",
                 "--bos-before-memory"])
     model = AutoRegEmbed.from_pretrained(out / "model").eval()
@@ -514,7 +519,7 @@ def test_compress_token_lr_moves_the_compress_embeddings_at_their_own_rate(works
     torch.manual_seed(0)
     start = load_encoder(str(workspace["base"]), 5)
     for name, extra in (("same", []), ("own", ["--compress-token-lr", "1e-2"])):
-        train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+        train.main(["compress", *COSINE, "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
                     "--output", str(tmp_path / name), "--batch-size", "4", "--steps", "1",
                     "--lr", "1e-4", "--warmup-ratio", "0", *extra])
     for name, expected in (("same", 1e-4), ("own", 1e-2)):
@@ -551,8 +556,22 @@ def test_learning_rate_schedules(workspace, tmp_path, schedule):
     assert logged == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 
-def test_compress_with_a_memory_projection_trains_and_saves_it(workspace, tmp_path):
+def test_warmup_decay_is_deepspeeds_schedule(workspace, tmp_path):
+    """DeepSpeed's WarmupDecayLR as the released runs get it, worked out by hand from its formula:
+    8 steps, warm-up ratio 0.5 -> w = 4; the rate of optimizer step s is gamma(s - 1), 0 at s = 0,
+    gamma(t) = ln(t + 1) / ln 4 for t < 4, then (8 - t) / (8 - 4)."""
     train.main(["compress", "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
+                "--output", str(tmp_path / "out"), "--batch-size", "4", "--steps", "8",
+                "--lr", "1e-3", "--warmup-ratio", "0.5"])  # the default schedule
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    # Logged after steps 0..7: the rates of steps 1..8 (step 8 is not run).
+    factors = [0.0, 0.5, 0.7924812503605781, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert logged == pytest.approx([1e-3 * f for f in factors], rel=1e-9, abs=1e-15)
+    assert lr_factor("warmup-decay", 8, 4)(0) == 0.0  # step 0, not logged
+
+
+def test_compress_with_a_memory_projection_trains_and_saves_it(workspace, tmp_path):
+    train.main(["compress", *COSINE, "--model", str(workspace["base"]), "--data", str(workspace["stage1"]),
                 "--output", str(tmp_path / "out"), "--batch-size", "4", "--steps", "2", "--lr", "1e-3",
                 "--memory-projection"])
     projection = AutoRegEmbed.from_pretrained(tmp_path / "out" / "model").memory_projection
