@@ -62,6 +62,7 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypa
                          "--stage1-compress-token-lr", "1e-3", "--stage1-lr-schedule", "constant",
                          "--stage1-memory-norm", "none", "--stage2-steps", "2",
                          "--stage2-grad-accum", "2", "--stage2-in-batch-negatives",
+                         "--stage2-lr-schedule", "constant",
                          "--average-logprobs", "--bf16", "off",
                          "--contrastive-batch-size", "5", "--seed", "3"])
     trainings = [argv for argv in commands if argv[0] in ("compress", "align")]
@@ -70,6 +71,7 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypa
     reference, stage2 = [argv for argv in commands
                          if argv[0] == "reference" or "--reference-scores" in argv]
     assert "--average-logprobs" in reference and "--average-logprobs" in stage2
+    assert stage2[stage2.index("--lr-schedule") + 1] == "constant"
     assert all(argv[argv.index("--seed") + 1] == "3" for argv in trainings)
     assert "bf16 autocast off: --bf16 off" in capsys.readouterr().out
     assert results["bf16"] == {"on": False, "why": "--bf16 off"}
