@@ -14,11 +14,13 @@ from autoregembed_fast.losses import LinearCrossEntropyLoss
 CompressionLoss = LinearCrossEntropyLoss
 
 
-def _check_alignment_settings(beta, temperature, reference_sign) -> None:
+def _check_alignment_settings(beta, temperature, reference_sign, alignment_weight) -> None:
     if reference_sign not in (1, -1):
         raise ValueError(f"reference_sign must be +1 or -1, got {reference_sign!r}")
     if not (beta > 0 and temperature > 0):
         raise ValueError(f"beta and temperature must be positive, got {beta} and {temperature}")
+    if not 0 <= alignment_weight < float("inf"):
+        raise ValueError(f"alignment_weight must be finite and >= 0, got {alignment_weight}")
 
 
 def alignment_loss(
@@ -31,6 +33,7 @@ def alignment_loss(
     beta: float = 0.1,
     temperature: float = 0.1,
     reference_sign: int = 1,
+    alignment_weight: float = 1.0,
 ) -> torch.Tensor:
     """Stage-2 conditional-distribution alignment loss of the released AutoRegEmbed code (scalar).
 
@@ -45,9 +48,12 @@ def alignment_loss(
 
     averaged over the batch and the negatives (``[B, 1]`` against ``[B, n]`` broadcasting, as the
     released code). ``reference_sign=+1`` is the released code's sign; ``-1`` gives the DPO convention
-    ``(s_qp - s_qn) - (ref_pos - ref_neg)``. Computed with softplus, stable for any finite input.
+    ``(s_qp - s_qn) - (ref_pos - ref_neg)``. ``alignment_weight`` w (not in the released code, which
+    is w = 1) scales s1's departure from its value at perfect alignment, ``s1 = 1/2 + w (s1 - 1/2)``:
+    the alignment term's gradient is w times the released one's, and w = 0 scores every pair as
+    aligned, leaving the uniformity term alone. Computed with softplus, stable for any finite input.
     """
-    _check_alignment_settings(beta, temperature, reference_sign)
+    _check_alignment_settings(beta, temperature, reference_sign, alignment_weight)
     if s_qp.dim() != 1:
         raise ValueError(f"s_qp must have shape [B], got {tuple(s_qp.shape)}")
     batch = s_qp.shape[0]
@@ -61,24 +67,28 @@ def alignment_loss(
                          f"{tuple(ref_neg.shape)}")
     margin = (s_qp[:, None] - s_qn) + reference_sign * (ref_pos[:, None] - ref_neg)
     uniformity = torch.sigmoid(beta * margin)
-    alignment = torch.sigmoid(beta * (s_qp - s_pp).abs())[:, None]
+    alignment = 0.5 + alignment_weight * (torch.sigmoid(beta * (s_qp - s_pp).abs())[:, None] - 0.5)
     return F.softplus((alignment - uniformity) / temperature).mean()
 
 
 class AlignmentLoss(nn.Module):
-    """`alignment_loss` as a module (β = 0.1, τ = 0.1 and the released code's reference sign by
-    default)."""
+    """`alignment_loss` as a module (β = 0.1, τ = 0.1, the released code's reference sign and
+    alignment weight 1 by default)."""
 
-    def __init__(self, beta: float = 0.1, temperature: float = 0.1, reference_sign: int = 1):
+    def __init__(self, beta: float = 0.1, temperature: float = 0.1, reference_sign: int = 1,
+                 alignment_weight: float = 1.0):
         super().__init__()
-        _check_alignment_settings(beta, temperature, reference_sign)
+        _check_alignment_settings(beta, temperature, reference_sign, alignment_weight)
         self.beta = beta
         self.temperature = temperature
         self.reference_sign = reference_sign
+        self.alignment_weight = alignment_weight
 
     def forward(self, s_qp, s_pp, s_qn, ref_pos, ref_neg):
         return alignment_loss(s_qp, s_pp, s_qn, ref_pos, ref_neg, beta=self.beta,
-                              temperature=self.temperature, reference_sign=self.reference_sign)
+                              temperature=self.temperature, reference_sign=self.reference_sign,
+                              alignment_weight=self.alignment_weight)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, temperature={self.temperature}, reference_sign={self.reference_sign}"
+        return (f"beta={self.beta}, temperature={self.temperature}, "
+                f"reference_sign={self.reference_sign}, alignment_weight={self.alignment_weight}")

@@ -66,6 +66,11 @@ SETTINGS = {
     "summed-1ep-5e-5-in-batch": SUMMED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
     "summed-1ep-2e-5-in-batch-warmup-decay": SUMMED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay"],  # the released schedule
+    "summed-4ep-2e-5-in-batch-warmup-decay": SUMMED + [
+        "--epochs", "4", "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay"],
+    "summed-1ep-2e-5-in-batch-warmup-decay-alignment0": SUMMED + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay",
+        "--alignment-weight", "0"],  # the uniformity term alone
     "summed-1ep-2e-5-in-batch16": SUMMED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--batch-size", "16"],  # 37 steps (592 rows)
     "summed-1ep-2e-5-in-batch-hard": SUMMED + ONE_EPOCH + [
@@ -136,7 +141,8 @@ def heldout_loss(model_dir: str, study: dict, flags: list[str], references: Refe
     """The setting's stage-2 loss on the held-out triplets (batches of 8) and what the loss saw."""
     model = load_encoder(model_dir).eval()
     decoder = frozen_decoder(load_causal_lm(study["base"])[0])
-    loss = AlignmentLoss(float(flag_value(flags, "--beta", 0.1)), 0.1, 1)
+    loss = AlignmentLoss(float(flag_value(flags, "--beta", 0.1)), 0.1, 1,
+                         float(flag_value(flags, "--alignment-weight", 1.0)))
     objective = AlignmentObjective(decoder, model.tokenizer, Tokenization(), loss, references,
                                    "--average-logprobs" in flags, decoder_bos_id=model.decoder_bos_id,
                                    in_batch_negatives="--in-batch-negatives" in flags,

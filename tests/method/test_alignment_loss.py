@@ -36,6 +36,28 @@ def test_alignment_loss_equals_released_formula(n_negatives, sign, beta, tau):
     assert math.isclose(actual.item(), expected, rel_tol=1e-12)
 
 
+def test_alignment_weight_scales_the_alignment_term_about_its_minimum():
+    """Worked by hand: beta = 1, s_qp - s_pp = ln 3 gives sigmoid(ln 3) = 3/4, which weight 1/2 takes
+    to 1/2 + (3/4 - 1/2) / 2 = 5/8; a zero margin gives s2 = 1/2; with tau = 1/8 the loss is
+    softplus((5/8 - 1/2) * 8) = ln(1 + e). Its gradient in s_pp is -sigmoid(1) * 8 * (1/2) *
+    (3/4 * 1/4) = -(3/4) e / (1 + e); weight 0 leaves s_pp without any."""
+    def scores():
+        return [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (
+            [math.log(3)], [0.0], [[math.log(3)]], [0.0], [[0.0]])]
+
+    s_qp, s_pp, s_qn, ref_pos, ref_neg = inputs = scores()
+    loss = alignment_loss(*inputs, beta=1.0, temperature=0.125, alignment_weight=0.5)
+    loss.backward()
+    assert math.isclose(loss.item(), math.log(1 + math.e), rel_tol=1e-12)
+    assert math.isclose(s_pp.grad.item(), -0.75 * math.e / (1 + math.e), rel_tol=1e-12)
+
+    s_qp, s_pp, *_ = inputs = scores()
+    loss = alignment_loss(*inputs, beta=1.0, temperature=0.125, alignment_weight=0.0)
+    loss.backward()
+    assert math.isclose(loss.item(), math.log(1 + math.exp(0.0)), rel_tol=1e-12)  # softplus(0)
+    assert s_pp.grad.item() == 0.0
+
+
 def test_alignment_loss_finite_gradients_for_extreme_inputs():
     scores = [torch.tensor(v, dtype=torch.float32, requires_grad=True) for v in (
         [1e4, -1e4, 3.0], [-1e4, 1e4, 3.0], [[1e4, -1e4], [-1e4, 1e4], [0.0, 5.0]],
@@ -61,3 +83,6 @@ def test_alignment_loss_bad_input():
         AlignmentLoss(reference_sign=0)
     with pytest.raises(ValueError, match="positive"):
         alignment_loss(**good, temperature=0.0)
+    for weight in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="alignment_weight"):
+            AlignmentLoss(alignment_weight=weight)

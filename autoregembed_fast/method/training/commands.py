@@ -156,7 +156,8 @@ def command_align(args) -> None:
                 args.average_logprobs))
         references = References.load(rows, args.reference_scores, key)
         decoder = frozen_decoder(load_causal_lm(args.decoder)[0], args.gradient_checkpointing)
-        loss = AlignmentLoss(args.beta, args.temperature, args.reference_sign)
+        loss = AlignmentLoss(args.beta, args.temperature, args.reference_sign,
+                             args.alignment_weight)
         objective = AlignmentObjective(decoder.to(cluster.device), model.tokenizer, settings, loss,
                                        references, args.average_logprobs,
                                        args.detach_self_score, model.decoder_bos_id,
@@ -240,6 +241,16 @@ def positive_float(text: str) -> float:
         value = None
     if value is None or not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -351,6 +362,9 @@ def parse_args(argv=None):
     align.add_argument("--temperature", type=float, default=0.1)
     align.add_argument("--reference-sign", type=int, choices=(1, -1), default=1,
                        help="+1: the released code's margin; -1: the DPO convention")
+    align.add_argument("--alignment-weight", type=non_negative_float, default=1.0,
+                       help="scales the alignment term s1 = sigmoid(beta |s_qp - s_pp|) about its "
+                            "minimum 1/2; 0 leaves the uniformity term alone (released: 1)")
     align.add_argument("--detach-self-score", action="store_true",
                        help="stop-gradient on s_pp = log p(pos | M_pos) (not in the released code)")
     align.add_argument("--in-batch-negatives", action="store_true",

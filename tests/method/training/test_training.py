@@ -474,11 +474,13 @@ def test_compress_rejects_a_bad_memory_norm(workspace, bad, capsys):
     assert "--memory-norm" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("detach", [False, True], ids=["released", "detached-self-score"])
-def test_detached_self_score_stops_the_gradient_into_the_positives_memory(workspace, detach):
+@pytest.mark.parametrize("detach,weight", [(False, 1.0), (True, 1.0), (False, 0.0)],
+                         ids=["released", "detached-self-score", "alignment-weight-0"])
+def test_detached_self_score_stops_the_gradient_into_the_positives_memory(workspace, detach, weight):
     """The positive's memory M_pos enters the loss only through s_pp = log p(pos | M_pos): with the
     stop-gradient it gets no gradient at all, without it it does; the query's memory gets one either
-    way, and the loss value is the same."""
+    way, and the loss value is the same. Alignment weight 0 leaves s_pp out of the loss: no gradient
+    into M_pos either."""
     from autoregembed_fast.method.data import Tokenization, read_alignment_rows
     from autoregembed_fast.method.losses import AlignmentLoss
     from autoregembed_fast.method.loading import frozen_decoder, load_causal_lm, load_encoder
@@ -499,14 +501,23 @@ def test_detached_self_score_stops_the_gradient_into_the_positives_memory(worksp
     losses_seen = []
     for flag in (detach, not detach):
         objective = AlignmentObjective(decoder, encoder.tokenizer, Tokenization(),
-                                       AlignmentLoss(beta=1.0), references, True, flag)
+                                       AlignmentLoss(beta=1.0, alignment_weight=weight), references,
+                                       True, flag)
         loss, count = objective(model, [0, 1, 2, 3], torch.device("cpu"))
         loss.backward()
         losses_seen.append(loss.item())
     memory = memories[0]
     assert memory.grad[:4].abs().sum() > 0  # queries
-    assert (memory.grad[4:].abs().sum() == 0) == detach  # positives
+    assert (memory.grad[4:].abs().sum() == 0) == (detach or weight == 0)  # positives
     assert losses_seen[0] == pytest.approx(losses_seen[1], rel=1e-6)
+
+
+def test_align_rejects_a_negative_alignment_weight(workspace, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["align", "--encoder", str(workspace["encoder"]), "--decoder", str(workspace["base"]),
+                    "--data", str(workspace["stage2"]), "--output", str(workspace["root"] / "unused"),
+                    "--alignment-weight", "-1"])
+    assert "--alignment-weight" in capsys.readouterr().err
 
 
 def test_compress_token_lr_moves_the_compress_embeddings_at_their_own_rate(workspace, tmp_path):
