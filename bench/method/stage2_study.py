@@ -71,6 +71,12 @@ SETTINGS = {
     "summed-1ep-2e-5-in-batch-warmup-decay-alignment0": SUMMED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay",
         "--alignment-weight", "0"],  # the uniformity term alone
+    "summed-1ep-2e-5-in-batch-warmup-decay-alignment2": SUMMED + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay",
+        "--alignment-weight", "2"],  # the alignment term's gradient doubled
+    "summed-1ep-2e-5-in-batch-warmup-decay-accum4": SUMMED + ONE_EPOCH + [
+        "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay",
+        "--grad-accum", "4"],  # global batch 32, 18 steps
     "summed-1ep-2e-5-in-batch16": SUMMED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--batch-size", "16"],  # 37 steps (592 rows)
     "summed-1ep-2e-5-in-batch-hard": SUMMED + ONE_EPOCH + [

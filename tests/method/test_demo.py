@@ -62,7 +62,7 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypa
                          "--stage1-compress-token-lr", "1e-3", "--stage1-lr-schedule", "constant",
                          "--stage1-memory-norm", "none", "--stage2-steps", "2",
                          "--stage2-grad-accum", "2", "--stage2-in-batch-negatives",
-                         "--stage2-lr-schedule", "constant",
+                         "--stage2-lr-schedule", "constant", "--stage2-alignment-weight", "0.5",
                          "--average-logprobs", "--bf16", "off",
                          "--contrastive-batch-size", "5", "--seed", "3"])
     trainings = [argv for argv in commands if argv[0] in ("compress", "align")]
@@ -72,6 +72,7 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypa
                          if argv[0] == "reference" or "--reference-scores" in argv]
     assert "--average-logprobs" in reference and "--average-logprobs" in stage2
     assert stage2[stage2.index("--lr-schedule") + 1] == "constant"
+    assert stage2[stage2.index("--alignment-weight") + 1] == "0.5"
     assert all(argv[argv.index("--seed") + 1] == "3" for argv in trainings)
     assert "bf16 autocast off: --bf16 off" in capsys.readouterr().out
     assert results["bf16"] == {"on": False, "why": "--bf16 off"}
