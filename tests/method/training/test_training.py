@@ -476,7 +476,8 @@ def test_compress_rejects_a_bad_memory_norm(workspace, bad, capsys):
 
 @pytest.mark.parametrize("detach,weight", [(False, 1.0), (True, 1.0), (False, 0.0)],
                          ids=["released", "detached-self-score", "alignment-weight-0"])
-def test_detached_self_score_stops_the_gradient_into_the_positives_memory(workspace, detach, weight):
+def test_detached_or_unweighted_self_score_leaves_the_positives_memory_without_gradient(
+        workspace, detach, weight):
     """The positive's memory M_pos enters the loss only through s_pp = log p(pos | M_pos): with the
     stop-gradient it gets no gradient at all, without it it does; the query's memory gets one either
     way, and the loss value is the same. Alignment weight 0 leaves s_pp out of the loss: no gradient
