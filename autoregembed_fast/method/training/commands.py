@@ -234,24 +234,23 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def finite_float(text: str, accept, expected: str) -> float:
+    """An argparse value: a finite number that `accept` takes, else an error naming `expected`."""
     try:
         value = float(text)
     except ValueError:
         value = None
-    if value is None or not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if value is None or not (math.isfinite(value) and accept(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    return finite_float(text, lambda value: value > 0, "a positive number")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return finite_float(text, lambda value: value >= 0, "a number >= 0")
 
 
 def memory_norm_setting(text: str):
