@@ -44,6 +44,8 @@ from autoregembed_fast.method.training.references import References
 AVERAGED = ["--average-logprobs", "--beta", "1.0"]  # per-token averages, beta 1 (the demo until 12-07)
 SUMMED = ["--beta", "0.1"]  # the released form: summed log-probs, beta 0.1 (the demo since)
 ONE_EPOCH = ["--epochs", "1"]  # 600 rows / batch 8 = 75 steps
+# The demo's stage 2 since the seventh session: in-batch negatives, 2e-5, the released schedule.
+IN_BATCH_WARMUP_DECAY = ["--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay"]
 # name -> flags added to `train align` (batch 8, warm-up 5 %, cosine, clip 1.0 unless a flag says).
 SETTINGS = {
     "demo": AVERAGED + ["--steps", "60", "--lr", "5e-6"],
@@ -64,18 +66,13 @@ SETTINGS = {
     "summed-beta0.05-1ep-2e-5-in-batch": ["--beta", "0.05"] + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives"],
     "summed-1ep-5e-5-in-batch": SUMMED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
-    "summed-1ep-2e-5-in-batch-warmup-decay": SUMMED + ONE_EPOCH + [
-        "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay"],  # the released schedule
-    "summed-4ep-2e-5-in-batch-warmup-decay": SUMMED + [
-        "--epochs", "4", "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay"],
-    "summed-1ep-2e-5-in-batch-warmup-decay-alignment0": SUMMED + ONE_EPOCH + [
-        "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay",
+    "summed-1ep-2e-5-in-batch-warmup-decay": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY,
+    "summed-4ep-2e-5-in-batch-warmup-decay": SUMMED + ["--epochs", "4"] + IN_BATCH_WARMUP_DECAY,
+    "summed-1ep-2e-5-in-batch-warmup-decay-alignment0": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
         "--alignment-weight", "0"],  # the uniformity term alone
-    "summed-1ep-2e-5-in-batch-warmup-decay-alignment2": SUMMED + ONE_EPOCH + [
-        "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay",
+    "summed-1ep-2e-5-in-batch-warmup-decay-alignment2": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
         "--alignment-weight", "2"],  # the alignment term's gradient doubled
-    "summed-1ep-2e-5-in-batch-warmup-decay-accum4": SUMMED + ONE_EPOCH + [
-        "--lr", "2e-5", "--in-batch-negatives", "--lr-schedule", "warmup-decay",
+    "summed-1ep-2e-5-in-batch-warmup-decay-accum4": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
         "--grad-accum", "4"],  # global batch 32, 18 steps
     "summed-1ep-2e-5-in-batch16": SUMMED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--batch-size", "16"],  # 37 steps (592 rows)
