@@ -49,15 +49,8 @@ IN_BATCH_WARMUP_DECAY = ["--lr", "2e-5", "--in-batch-negatives", "--lr-schedule"
 # name -> flags added to `train align` (batch 8, warm-up 5 %, cosine, clip 1.0 unless a flag says).
 SETTINGS = {
     "demo": AVERAGED + ["--steps", "60", "--lr", "5e-6"],
-    "released-form": SUMMED + ["--steps", "60", "--lr", "5e-6"],
     "averaged-1ep-2e-5": AVERAGED + ONE_EPOCH + ["--lr", "2e-5"],
-    "averaged-1ep-5e-5": AVERAGED + ONE_EPOCH + ["--lr", "5e-5"],
     "summed-1ep-2e-5": SUMMED + ONE_EPOCH + ["--lr", "2e-5"],
-    "summed-1ep-5e-5": SUMMED + ONE_EPOCH + ["--lr", "5e-5"],
-    "summed-beta1-1ep-2e-5": ["--beta", "1.0"] + ONE_EPOCH + ["--lr", "2e-5"],
-    "averaged-beta0.1-1ep-2e-5": ["--average-logprobs", "--beta", "0.1"] + ONE_EPOCH + ["--lr", "2e-5"],
-    "averaged-1ep-2e-5-no-reference": AVERAGED + ONE_EPOCH + ["--lr", "2e-5",
-                                                               "--reference-scores", "none"],
     "averaged-1ep-2e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "2e-5", "--in-batch-negatives"],
     "summed-1ep-2e-5-in-batch": SUMMED + ONE_EPOCH + ["--lr", "2e-5", "--in-batch-negatives"],
     "summed-2ep-2e-5-in-batch": SUMMED + ["--epochs", "2", "--lr", "2e-5", "--in-batch-negatives"],
@@ -68,10 +61,21 @@ SETTINGS = {
     "summed-1ep-5e-5-in-batch": SUMMED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
     "summed-1ep-2e-5-in-batch-warmup-decay": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY,
     "summed-4ep-2e-5-in-batch-warmup-decay": SUMMED + ["--epochs", "4"] + IN_BATCH_WARMUP_DECAY,
+    # The two other pairings of the loss form and beta (sums saturate at beta 1; averages barely
+    # move the sigmoids at beta 0.1).
+    "summed-beta1-1ep-2e-5-in-batch-warmup-decay": ["--beta", "1.0"] + ONE_EPOCH + IN_BATCH_WARMUP_DECAY,
+    "averaged-beta0.1-1ep-2e-5-in-batch-warmup-decay": ["--average-logprobs", "--beta", "0.1"]
+    + ONE_EPOCH + IN_BATCH_WARMUP_DECAY,
     "summed-1ep-2e-5-in-batch-warmup-decay-alignment0": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
         "--alignment-weight", "0"],  # the uniformity term alone
     "summed-1ep-2e-5-in-batch-warmup-decay-alignment2": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
         "--alignment-weight", "2"],  # the alignment term's gradient doubled
+    "summed-1ep-2e-5-in-batch-warmup-decay-alignment1.5": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
+        "--alignment-weight", "1.5"],
+    "summed-1ep-2e-5-in-batch-warmup-decay-alignment3": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
+        "--alignment-weight", "3"],
+    "summed-1ep-2e-5-in-batch-warmup-decay-alignment4": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
+        "--alignment-weight", "4"],
     "summed-1ep-2e-5-in-batch-warmup-decay-accum4": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
         "--grad-accum", "4"],  # global batch 32, 18 steps
     "summed-1ep-2e-5-in-batch16": SUMMED + ONE_EPOCH + [
@@ -83,8 +87,6 @@ SETTINGS = {
     "averaged-1ep-5e-5-in-batch": AVERAGED + ONE_EPOCH + ["--lr", "5e-5", "--in-batch-negatives"],
     "averaged-1ep-2e-5-in-batch-detached": AVERAGED + ONE_EPOCH + [
         "--lr", "2e-5", "--in-batch-negatives", "--detach-self-score"],
-    "averaged-4ep-batch32-2e-5": AVERAGED + ["--epochs", "4", "--grad-accum", "4", "--lr", "2e-5"],
-    "averaged-4ep-5e-6": AVERAGED + ["--epochs", "4", "--lr", "5e-6"],
 }
 EVALUATION_BATCH = 32
 BOOTSTRAP = 1000
