@@ -66,16 +66,10 @@ SETTINGS = {
     "summed-beta1-1ep-2e-5-in-batch-warmup-decay": ["--beta", "1.0"] + ONE_EPOCH + IN_BATCH_WARMUP_DECAY,
     "averaged-beta0.1-1ep-2e-5-in-batch-warmup-decay": ["--average-logprobs", "--beta", "0.1"]
     + ONE_EPOCH + IN_BATCH_WARMUP_DECAY,
-    "summed-1ep-2e-5-in-batch-warmup-decay-alignment0": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
-        "--alignment-weight", "0"],  # the uniformity term alone
-    "summed-1ep-2e-5-in-batch-warmup-decay-alignment2": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
-        "--alignment-weight", "2"],  # the alignment term's gradient doubled
-    "summed-1ep-2e-5-in-batch-warmup-decay-alignment1.5": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
-        "--alignment-weight", "1.5"],
-    "summed-1ep-2e-5-in-batch-warmup-decay-alignment3": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
-        "--alignment-weight", "3"],
-    "summed-1ep-2e-5-in-batch-warmup-decay-alignment4": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
-        "--alignment-weight", "4"],
+    # The alignment term's weight (`--alignment-weight`; released 1): 0 leaves the uniformity term
+    # alone, 2 doubles the alignment term's gradient.
+    **{f"summed-1ep-2e-5-in-batch-warmup-decay-alignment{weight}": SUMMED + ONE_EPOCH
+       + IN_BATCH_WARMUP_DECAY + ["--alignment-weight", weight] for weight in ("0", "1.5", "2", "3", "4")},
     "summed-1ep-2e-5-in-batch-warmup-decay-accum4": SUMMED + ONE_EPOCH + IN_BATCH_WARMUP_DECAY + [
         "--grad-accum", "4"],  # global batch 32, 18 steps
     "summed-1ep-2e-5-in-batch16": SUMMED + ONE_EPOCH + [
